@@ -1,0 +1,386 @@
+"""The configuration tree: one dataclass per concern, presets, dotted overrides and validation.
+
+One override syntax (`rlc.tau=0.8`) serves the CLI, Ray Tune's flat `param_space` keys and ablation variants.
+Unknown keys raise with the closest valid key; bad values raise naming the key, the value and the allowed range.
+Derived quantities (class splits, effective step counts) are computed where they are used, never written back here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+Check = Callable[[Any], str | None]
+
+
+def _interval(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A check that a number lies in an interval; returns the message on failure."""
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    text = f"must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+    def check(value: Any) -> str | None:
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        return text if too_low or too_high else None
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _spec(default: Any, check: Check | None = None, help: str = "") -> Any:
+    """A dataclass field carrying its validation rule and a one-line description."""
+    factory = (lambda d=default: copy.deepcopy(d)) if isinstance(default, (dict, list)) else None
+    meta = {"check": check, "help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PROB = _interval(0, 1, lo_open=True, hi_open=True)
+NONNEG = _interval(0)
+POS = _interval(0, lo_open=True)
+POS_INT = _interval(1)
+NONNEG_INT = _interval(0)
+
+
+@dataclass
+class DataConfig:
+    benchmark: str = _spec("synthetic", _one_of("synthetic", "plt-voc", "plt-coco", "coco-format"),
+                           "which benchmark to build or read")
+    root: str = _spec("", None, "source data: VOC devkit / COCO root / COCO-format root, or a built benchmark "
+                                "directory holding card.json (empty: the synthetic source is generated)")
+    cache_dir: str = _spec("comic_data", None, "where built benchmarks and image caches are kept")
+    longtail: str = _spec("pareto", _one_of("pareto", "none"), "Pareto long-tail subsampling or keep the source")
+    max_count: int = _spec(1400, POS_INT, "Pareto sampler: images of the largest class")
+    min_count: int = _spec(1, POS_INT, "Pareto sampler: images of the smallest class")
+    pareto_b: float = _spec(12.0, POS, "Pareto shape b (PLT-VOC 12, PLT-COCO 10)")
+    missing_rate: float = _spec(0.4, _interval(0, 1, hi_open=True), "probability of dropping each positive")
+    split_seed: int = _spec(0, NONNEG_INT, "fixes the benchmark: subsample, missing labels, val split")
+    val_size: int = _spec(2000, NONNEG_INT, "validation images drawn from source images not used for training")
+    image_size: int = _spec(224, _interval(16), "training crop / evaluation crop side")
+    num_workers: int = _spec(2, NONNEG_INT, "DataLoader worker processes")
+    skip_bad_images: bool = _spec(False, None, "skip (and count) missing or corrupt images instead of failing")
+    synthetic_images: int = _spec(1200, _interval(8), "synthetic source: number of train-pool images")
+    synthetic_test_images: int = _spec(400, _interval(8), "synthetic source: number of test images")
+    synthetic_classes: int = _spec(20, _interval(2, 80), "synthetic source: number of classes")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _spec("resnet50", _one_of("resnet50", "resnet18", "tiny"), "feature extractor trunk")
+    weights: str = _spec("imagenet", None, "'none', 'imagenet' or a path to a state dict file")
+    profile: str = _spec("released", _one_of("released", "finetune"),
+                         "released: frozen trunk + trainable feature layer; finetune: everything trains")
+    feat_dim: int = _spec(1024, POS_INT, "feature layer width (paper: 1024)")
+    log_softmax_feature: bool = _spec(True, None, "LogSoftmax on the feature (released code, profile R)")
+    normalized_classifier: bool = _spec(True, None, "Eq. 9 normalized classifier (NC); off: plain linear")
+    rho: float = _spec(16.0, POS, "Eq. 9 classifier scale")
+    eta: float = _spec(1 / 32, NONNEG, "Eq. 9 baseline energy in the weight norm")
+    groups: int = _spec(1, POS_INT, "Eq. 9 classifier groups N_g")
+    moving_vector: bool = _spec(True, None, "Eq. 7 moving average vector e (AMV); off: z_hat = z")
+    mu: float = _spec(0.9, _interval(0, 1, hi_open=True), "Eq. 7 decay of e")
+    alpha_tde: float = _spec(2.0, NONNEG, "Eq. 10 tail-side coefficient on e (head side: 1)")
+    attention: bool = _spec(True, None, "Eq. 8 additive attention of the balanced model over head/tail features")
+    attention_residual: float = _spec(1.0, NONNEG, "Eq. 8 residual coefficient (released code: 0.1)")
+    attention_dropout: float = _spec(0.1, _interval(0, 1, hi_open=True), "dropout on the attention weights")
+
+
+@dataclass
+class MFMConfig:
+    enabled: bool = _spec(True, None, "MFM loss (Eq. 5-6); off: plain BCE in its place")
+    gamma_pos: float = _spec(0.0, NONNEG, "P-N focusing exponent for positives")
+    gamma_neg: float = _spec(3.0, NONNEG, "P-N focusing exponent for negatives")
+    use_pn: bool = _spec(True, None, "P-N factor (gamma_pos / gamma_neg); off: those exponents are 0")
+    use_ht: bool = _spec(True, None, "H-T factor gamma_ht and class weight w_c; off: w_c = 1, no gamma_ht")
+    ht_exponent: float = _spec(1 / 3, POS, "gamma_ht = (1 - ln(n_c / n_max)) ** ht_exponent")
+    clip: float = _spec(0.05, _interval(0, 1, hi_open=True), "negative probability margin (ASL clip)")
+    cooccurrence_prior: bool = _spec(False, None, "released-code co-occurrence prior (not in the paper)")
+
+
+@dataclass
+class RLCConfig:
+    enabled: bool = _spec(True, None, "Reflective Label Corrector (Eq. 2-3)")
+    tau: float = _spec(0.7, PROB, "confidence threshold")
+    margin: float = _spec(1.0, NONNEG, "logit margin subtracted on observed positives")
+    distribution: str = _spec("dynamic", _one_of("dynamic", "static"), "class distribution for gamma_ht")
+    class_mean: str = _spec("batch", _one_of("batch", "running"), "P_c: batch mean or running mean of p_c")
+    normalizer: str = _spec("positives", _one_of("positives", "corrected"),
+                            "B_s / N_pos (code) or B_s / N_t, the number of corrections (paper)")
+    exponent: float = _spec(1 / 6, POS, "exponent of the dynamic class weight")
+    start_epoch: int = _spec(1, POS_INT, "first epoch (1-based) in which labels are corrected")
+
+
+@dataclass
+class HTBConfig:
+    enabled: bool = _spec(True, None, "Head-Tail Balancer distillation (Eq. 11)")
+    alpha: float = _spec(2.0, POS, "exponent of the kappa weights")
+    variant: str = _spec("kd", _one_of("kd", "literal"), "kd: soft-target distillation; literal: released code")
+
+
+@dataclass
+class LossConfig:
+    lambda_m: float = _spec(1.0, NONNEG, "weight of MFM (Eq. 1)")
+    lambda_c: float = _spec(0.2, NONNEG, "weight of RLC (Eq. 1)")
+    lambda_b: float = _spec(0.5, NONNEG, "weight of HTB (Eq. 1)")
+    baseline: dict = _spec({}, None, "keyword hyperparameters of a baseline method's loss")
+
+
+@dataclass
+class OptimConfig:
+    lr_feature: float = _spec(1e-3, POS, "feature layer (and trunk in profile released: frozen)")
+    lr_trunk: float = _spec(1e-4, POS, "trunk learning rate in profile finetune")
+    lr_attention: float = _spec(1e-3, POS, "additive attention")
+    lr_classifier: float = _spec(1e-4, POS, "classifiers")
+    weight_decay: float = _spec(1e-4, NONNEG, "coupled L2 (Adam, not AdamW)")
+    beta1: float = _spec(0.9, _interval(0, 1, hi_open=True), "Adam beta1 (the paper's momentum)")
+    decay_gamma: float = _spec(0.1, PROB, "StepLR factor")
+    per_model_decay: bool = _spec(True, None, "different LR decays per model (DL); off: all follow the balanced one")
+    step_head: int = _spec(24, POS_INT, "StepLR step (epochs) of the head model")
+    step_tail: int = _spec(12, POS_INT, "StepLR step (epochs) of the tail model")
+    step_balanced_feature: int = _spec(12, POS_INT, "StepLR step of the balanced feature layer")
+    step_balanced_other: int = _spec(18, POS_INT, "StepLR step of the balanced attention and classifier")
+    grad_clip: float = _spec(0.0, NONNEG, "per-model gradient norm clip; 0 disables")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _spec(40, POS_INT, "training epochs")
+    batch_size: int = _spec(32, POS_INT, "images per step (the last partial batch is dropped)")
+    log_interval: int = _spec(20, POS_INT, "steps between reads of the on-device metric accumulators")
+
+
+@dataclass
+class EngineConfig:
+    device: str = _spec("auto", None, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    amp: str = _spec("auto", _one_of("auto", "bf16", "off"), "auto: bf16 autocast on CUDA, off on CPU")
+    compile: str = _spec("none", _one_of("none", "default", "reduce-overhead"), "torch.compile mode")
+    channels_last: bool = _spec(True, None, "channels_last memory format on CUDA")
+    deterministic: bool = _spec(False, None, "deterministic algorithms (exact resume on CPU)")
+    threads: int = _spec(0, NONNEG_INT, "torch CPU threads; 0 keeps torch's default")
+
+
+@dataclass
+class Config:
+    method: str = _spec("comic", None, "registry name (see comic.methods)")
+    seed: int = _spec(0, NONNEG_INT, "varies weight init and data order per repeat")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mfm: MFMConfig = field(default_factory=MFMConfig)
+    rlc: RLCConfig = field(default_factory=RLCConfig)
+    htb: HTBConfig = field(default_factory=HTBConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Embedded default: generated data, tiny CNN, CPU-sized; the whole pipeline in minutes.
+    "synthetic": {
+        "data.benchmark": "synthetic", "data.longtail": "pareto", "data.max_count": 400, "data.pareto_b": 6.0,
+        "data.val_size": 200, "data.image_size": 64, "data.num_workers": 0,
+        "model.backbone": "tiny", "model.weights": "none", "model.profile": "finetune", "model.feat_dim": 128,
+        "model.log_softmax_feature": False,
+        "optim.step_head": 6, "optim.step_tail": 4, "optim.step_balanced_feature": 4, "optim.step_balanced_other": 6,
+        "train.epochs": 8, "train.batch_size": 32, "train.log_interval": 10,
+    },
+    # PLT-VOC (max 1400, b 12) with the released per-model decays for VOC (head 12, tail 24).
+    "plt-voc": {
+        "data.benchmark": "plt-voc", "data.max_count": 1400, "data.pareto_b": 12.0,
+        "optim.step_head": 12, "optim.step_tail": 24,
+    },
+    # PLT-COCO (max 1400, b 10) with the released per-model decays for COCO (head 24, tail 12).
+    "plt-coco": {
+        "data.benchmark": "plt-coco", "data.max_count": 1400, "data.pareto_b": 10.0,
+        "optim.step_head": 24, "optim.step_tail": 12,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a configuration or override."""
+
+
+def field_specs(cfg: Any = None, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Flat map of dotted key -> dataclass field, for every leaf of the tree."""
+    cls = type(cfg) if cfg is not None else Config
+    out: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type)
+                                                and dataclasses.is_dataclass(f.default_factory)):
+            out.update(field_specs(f.default_factory(), key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+def _parse(text: str) -> Any:
+    """Command-line values are read as YAML scalars (`0.8`, `true`, `[1, 2]`); an empty value is an empty string."""
+    return yaml.safe_load(text) if text else ""
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: must be true or false")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}={value!r}: must be an integer")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: must be a number")
+        return float(value)
+    if isinstance(default, str):
+        return "none" if value is None else str(value)
+    if isinstance(default, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r}: must be a mapping")
+        return dict(value)
+    return value
+
+
+def _unknown_key(key: str, valid: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = getattr(node, part)
+    setattr(node, parts[-1], value)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
+    """Return a copy of `cfg` with dotted overrides applied and validated.
+
+    `overrides` is a mapping (`{"rlc.tau": 0.8}`) or strings (`["rlc.tau=0.8"]`). Keys under a dict-valued field
+    (`loss.baseline.gamma_neg=4`) set an entry of that dict.
+    """
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = [(key, _parse(text)) for key, text in map(_split, overrides)]
+    out = copy.deepcopy(cfg)
+    specs = field_specs()
+    for key, value in items:
+        if key in specs:
+            _set(out, key, _coerce(key, value, _get(out, key)))
+            continue
+        parent = next((k for k in specs if key.startswith(k + ".") and isinstance(_get(out, k), dict)), None)
+        if parent is None:
+            raise _unknown_key(key, specs)
+        _get(out, parent)[key[len(parent) + 1:]] = value
+    validate(out)
+    return out
+
+
+def _split(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (for example rlc.tau=0.8)")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first key whose value breaks its rule."""
+    for key, spec in field_specs().items():
+        check = spec.metadata.get("check")
+        value = _get(cfg, key)
+        message = check(value) if check is not None else None
+        if message:
+            raise ConfigError(f"{key}={value!r}: {message}")
+    if cfg.data.max_count < cfg.data.min_count:
+        raise ConfigError(f"data.max_count={cfg.data.max_count}: must be >= data.min_count={cfg.data.min_count}")
+
+
+def load_config(preset: str = "synthetic", overrides: Mapping[str, Any] | Iterable[str] = (),
+                path: str | None = None) -> Config:
+    """Build a config: defaults, then a preset, then an optional YAML file of dotted keys, then overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'; valid presets: {', '.join(sorted(PRESETS))}")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    if path is not None:
+        cfg = apply_overrides(cfg, _read_yaml(path))
+    return apply_overrides(cfg, overrides)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    with open(path) as fh:
+        try:
+            loaded = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+    return flatten(loaded)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys; dict-valued config fields stay whole."""
+    specs = field_specs()
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted not in specs:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as a nested plain dict (saved with every run)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_flat_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as dotted keys -> values (MLflow params, Tune param_space keys)."""
+    return {key: _get(cfg, key) for key in field_specs()}
+
+
+def from_dict(tree: Mapping[str, Any]) -> Config:
+    """Inverse of `to_dict` (and accepts flat dotted dicts); validates."""
+    return apply_overrides(Config(), flatten(tree))
+
+
+def config_hash(cfg: Config, length: int = 12) -> str:
+    """Stable content hash of the resolved config."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def describe() -> str:
+    """One line per key: dotted name, default, help. Used by `--help` of the scripts."""
+    cfg = Config()
+    lines = []
+    for key, spec in field_specs().items():
+        lines.append(f"  {key} = {_get(cfg, key)!r}  # {spec.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""Shared fixtures: reference data location, process-wide environment for Ray/MLflow tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Ray 2.60 token auth must be set identically for every process of a test cluster (env.md §4.4).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` beside the checkout (reference data); skipped with a reason when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data folder {SHARED_DATA} is absent (CI has it; users never need it)")
+    return SHARED_DATA
