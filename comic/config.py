@@ -172,6 +172,8 @@ class EngineConfig:
     channels_last: bool = _spec(True, None, "channels_last memory format on CUDA")
     deterministic: bool = _spec(False, None, "deterministic algorithms (exact resume on CPU)")
     threads: int = _spec(0, NONNEG_INT, "torch CPU threads; 0 keeps torch's default")
+    progress: bool = _spec(True, None, "progress bars (off inside Ray trials)")
+    fail_at_epoch: int = _spec(0, NONNEG_INT, "fault injection for tests: raise after this epoch unless resumed; 0 off")
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""Config tree: presets, dotted overrides, validation messages, round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from comic.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    field_specs,
+    from_dict,
+    load_config,
+    to_dict,
+    to_flat_dict,
+)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_validate_and_round_trip(preset):
+    cfg = load_config(preset)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert from_dict(to_flat_dict(cfg)) == cfg
+    assert cfg.data.benchmark == preset if preset != "synthetic" else cfg.model.backbone == "tiny"
+
+
+def test_overrides_from_strings_and_mappings_agree():
+    a = load_config("synthetic", ["rlc.tau=0.8", "model.attention=false", "train.epochs=3", "loss.baseline.gamma=2"])
+    b = load_config("synthetic", {"rlc.tau": 0.8, "model.attention": False, "train.epochs": 3,
+                                  "loss.baseline.gamma": 2})
+    assert a == b
+    assert (a.rlc.tau, a.model.attention, a.train.epochs, a.loss.baseline) == (0.8, False, 3, {"gamma": 2})
+
+
+def test_preset_values_apply_and_overrides_win():
+    voc, coco = load_config("plt-voc"), load_config("plt-coco", ["data.pareto_b=7"])
+    assert (voc.data.max_count, voc.data.pareto_b, voc.optim.step_head, voc.optim.step_tail) == (1400, 12.0, 12, 24)
+    assert (coco.optim.step_head, coco.optim.step_tail, coco.data.pareto_b) == (24, 12, 7.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rlc.tau=1.5", "rlc.tau=1.5: must be in (0, 1)"),
+    ("rlc.tau=0", "rlc.tau=0.0: must be in (0, 1)"),
+    ("data.missing_rate=1.0", "data.missing_rate=1.0: must be in [0, 1)"),
+    ("model.backbone=vgg", "model.backbone='vgg': must be one of resnet50, resnet18, tiny"),
+    ("train.epochs=2.5", "train.epochs=2.5: must be an integer"),
+    ("model.attention=maybe", "model.attention='maybe': must be true or false"),
+    ("data.max_count=0", "data.max_count=0: must be in [1, inf]"),
+])
+def test_bad_values_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", [override])
+    assert str(err.value) == message
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'rlc.tua'; did you mean 'rlc.tau'\?"):
+        load_config("synthetic", ["rlc.tua=0.3"])
+    with pytest.raises(ConfigError, match="unknown config key 'htb.alfa'.*htb.alpha"):
+        apply_overrides(Config(), {"htb.alfa": 1.0})
+
+
+def test_cross_field_rule_and_malformed_override():
+    with pytest.raises(ConfigError, match="data.max_count=3: must be >= data.min_count=5"):
+        load_config("synthetic", ["data.min_count=5", "data.max_count=3"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config("synthetic", ["rlc.tau"])
+    with pytest.raises(ConfigError, match="unknown preset 'voc'; valid presets: plt-coco, plt-voc, synthetic"):
+        load_config("voc")
+
+
+def test_yaml_file_layer(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("rlc:\n  tau: 0.9\nmethod: bce\nloss:\n  baseline: {gamma_neg: 4}\n")
+    cfg = load_config("plt-voc", ["rlc.tau=0.6"], path=str(path))
+    assert (cfg.method, cfg.rlc.tau, cfg.loss.baseline) == ("bce", 0.6, {"gamma_neg": 4})
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
+        load_config("synthetic", path=str(tmp_path / "bad.yaml"))
+
+
+def test_hash_is_stable_and_sensitive():
+    assert config_hash(load_config()) == config_hash(load_config())
+    assert config_hash(load_config()) != config_hash(load_config("synthetic", ["seed=1"]))
+
+
+def test_every_leaf_has_help_text():
+    missing = [key for key, spec in field_specs().items() if not spec.metadata.get("help")]
+    assert missing == []
