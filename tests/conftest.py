@@ -21,3 +21,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data folder {SHARED_DATA} is absent (CI has it; users never need it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smoke_overrides(tmp_path_factory) -> dict:
+    """The scripts' smoke configuration with one shared data cache for the whole session (built once)."""
+    from comic.config import SMOKE_OVERRIDES
+
+    cache = tmp_path_factory.mktemp("comic_data")
+    return SMOKE_OVERRIDES | {"data.cache_dir": str(cache), "engine.progress": False}

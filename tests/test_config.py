@@ -32,6 +32,7 @@ def test_overrides_from_strings_and_mappings_agree():
                                   "loss.baseline.gamma": 2})
     assert a == b
     assert (a.rlc.tau, a.model.attention, a.train.epochs, a.loss.baseline) == (0.8, False, 3, {"gamma": 2})
+    assert load_config("synthetic", ["optim.lr_trunk=1e-3"]).optim.lr_trunk == 1e-3  # YAML 1.1 reads this as str
 
 
 def test_preset_values_apply_and_overrides_win():

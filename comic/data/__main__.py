@@ -1,0 +1,164 @@
+"""Command line of the benchmark builders: `python -m comic.data build {plt-voc,plt-coco,coco-format,synthetic}`.
+
+Parses options, turns them into `data.*` config values (validated like any override) and calls
+`comic.data.benchmark.build_benchmark`; prints the dataset card summary and the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from comic.config import PRESETS, Config, ConfigError, DataConfig, apply_overrides, load_config
+
+EPILOG = """\
+sources:
+  plt-voc      --root VOCdevkit (holding VOC2012/ and VOC2007/), or --voc2012 DIR --voc2007 DIR.
+               Pool: VOC2012 trainval, labels from the XML files (difficult objects included);
+               test: VOC2007 test, labels from ImageSets/Main/<class>_test.txt flags (1 = positive).
+  plt-coco     --root COCO (annotations/instances_train2017.json + train2017/ as the pool,
+               annotations/instances_val2017.json + val2017/ as the test set).
+  coco-format  --root DIR (annotations/instances_train.json, train/, annotations/instances_test.json, test/),
+               or --train-json F --train-images DIR --test-json F --test-images DIR. Any COCO-format data;
+               use --longtail none for data that is already long-tailed and --missing-rate 0 for data that
+               is already partially labelled.
+  synthetic    no source needed: a procedural COCO-format source (--synthetic-images, --synthetic-test-images,
+               --synthetic-classes; seeded by --split-seed) is generated under --out, then built like coco-format.
+
+defaults come from the config preset of the same name (coco-format: the config defaults):
+  synthetic  max-count 400, pareto-b 6, val-size 200      plt-voc   max-count 1400, pareto-b 12, val-size 2000
+  plt-coco   max-count 1400, pareto-b 10, val-size 2000   all: missing-rate 0.4, split-seed 0, min-count 1
+
+PLT-COCO and the paper's 2,962 images: the published script seeds Python's RNG once and builds VOC before COCO,
+so its COCO subset is drawn from an RNG already advanced by the VOC build. --rng-after-voc PATH (a VOC2012 folder
+or a VOC2012 trainval label CSV) reproduces that order and is the variant meant to give 2,962 images; without it
+the COCO sampler is seeded afresh with --split-seed (DESIGN §4). Neither is verified here (no COCO labels).
+
+The output directory <out>/<kind>-<hash> is named by a hash of all parameters and of the source annotation files;
+rerunning with the same inputs does no work. Examples:
+  python -m comic.data build synthetic
+  python -m comic.data build plt-voc --root ~/data/VOCdevkit --missing-rate 0.3
+  python -m comic.data build plt-coco --root ~/data/coco --rng-after-voc ~/data/VOCdevkit/VOC2012
+"""
+
+# Options whose dest is the name of a DataConfig field.
+_DATA_OPTIONS = ("missing_rate", "split_seed", "val_size", "max_count", "min_count", "pareto_b", "synthetic_images",
+                 "synthetic_test_images", "synthetic_classes")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m comic.data", description="COMIC Lab data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser(
+        "build", help="build a PLT benchmark (Parquet manifest + dataset card)", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build a partial-label long-tailed benchmark: Pareto long-tail training subset with "
+                    "dropped positives, a validation split from unused source train images (full labels) and the "
+                    "source test set.")
+    build.add_argument("kind", choices=["plt-voc", "plt-coco", "coco-format", "synthetic"])
+    _add_split_options(build.add_argument_group("benchmark parameters"))
+    _add_source_options(build.add_argument_group("source locations"))
+    return parser
+
+
+def _add_split_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--missing-rate", type=float, help="probability of dropping each train positive, in [0, 1)")
+    group.add_argument("--split-seed", type=int, help="seed of the subsample, the dropped labels and the val split")
+    group.add_argument("--val-size", type=int, help="validation images drawn from pool images not used for training")
+    group.add_argument("--longtail", choices=["pareto", "none"], help="Pareto subsample, or keep the whole pool")
+    group.add_argument("--max-count", type=int, help="Pareto: images of the largest class")
+    group.add_argument("--min-count", type=int, help="Pareto: images of the smallest class (default 1)")
+    group.add_argument("--pareto-b", type=float, help="Pareto shape b (larger: flatter)")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="skip missing or corrupt images (counted in the card) instead of failing")
+    group.add_argument("--out", help="folder under which <kind>-<hash>/ is written (default: data.cache_dir, "
+                                     f"'{DataConfig().cache_dir}')")
+    group.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+
+def _add_source_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--root", help="source folder (see 'sources' below)")
+    group.add_argument("--voc2012", help="plt-voc: the VOC2012 folder (pool)")
+    group.add_argument("--voc2007", help="plt-voc: the VOC2007 folder holding the test set")
+    for split in ("train", "test"):
+        group.add_argument(f"--{split}-json", help=f"coco-format: {split} instances JSON")
+        group.add_argument(f"--{split}-images", help=f"coco-format: folder of the {split} images")
+    group.add_argument("--rng-after-voc", metavar="PATH",
+                       help="plt-coco compatibility: advance the Pareto RNG with a VOC build first (VOC2012 folder "
+                            "or label CSV); the variant meant to give the paper's 2,962 images")
+    group.add_argument("--voc-max-count", type=int, default=1400, help="--rng-after-voc: VOC max count (1400)")
+    group.add_argument("--voc-pareto-b", type=float, default=12.0, help="--rng-after-voc: VOC Pareto b (12)")
+    group.add_argument("--synthetic-images", type=int, help="synthetic: pool images (default 1200)")
+    group.add_argument("--synthetic-test-images", type=int, help="synthetic: test images (default 400)")
+    group.add_argument("--synthetic-classes", type=int, help="synthetic: number of classes (default 20)")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The preset's data config with the given options applied (validated; errors name the data.* key)."""
+    cfg = load_config(args.kind) if args.kind in PRESETS else apply_overrides(Config(), {"data.benchmark": args.kind})
+    overrides = {f"data.{name}": getattr(args, name) for name in _DATA_OPTIONS
+                 if getattr(args, name) is not None}
+    if args.longtail:
+        overrides["data.longtail"] = args.longtail
+    if args.skip_bad_images:
+        overrides["data.skip_bad_images"] = True
+    if args.out:
+        overrides["data.cache_dir"] = args.out
+    if args.root:
+        overrides["data.root"] = args.root
+    return apply_overrides(cfg, overrides).data
+
+
+def source_for(args: argparse.Namespace, data: DataConfig):
+    """The Source from explicit path options, else from data.root (config conventions)."""
+    from comic.data import benchmark as bm
+
+    if args.kind == "synthetic" and args.root:
+        raise bm.BenchmarkError("--root: the synthetic source is generated; use coco-format to build from a folder")
+    if args.kind == "plt-voc" and (args.voc2012 or args.voc2007):
+        if not (args.voc2012 and args.voc2007):
+            raise bm.BenchmarkError("--voc2012 and --voc2007 must be given together (or --root VOCdevkit)")
+        return bm.plt_voc_source(args.voc2012, args.voc2007)
+    explicit = [args.train_json, args.train_images, args.test_json, args.test_images]
+    if args.kind == "coco-format" and any(explicit):
+        if not all(explicit):
+            raise bm.BenchmarkError("--train-json, --train-images, --test-json and --test-images go together "
+                                    "(or --root)")
+        return bm.coco_format_source(*explicit)
+    return bm.source_from_config(data)
+
+
+def build(args: argparse.Namespace) -> Path:
+    from comic.data import benchmark as bm
+
+    data = data_config(args)
+    if args.rng_after_voc and data.longtail != "pareto":
+        raise bm.BenchmarkError("--rng-after-voc only applies with --longtail pareto")
+    extra = {}
+    if args.rng_after_voc:
+        extra = {"rng_after_voc": str(Path(args.rng_after_voc).expanduser().resolve()),
+                 "voc_max_count": args.voc_max_count, "voc_pareto_b": args.voc_pareto_b}
+    params = bm.BuildParams.from_config(data, **extra)
+    return bm.build_benchmark(source_for(args, data), params, data.cache_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[%(name)s] %(message)s")
+    from comic.data.benchmark import CARD_MD, BenchmarkError
+    from comic.data.labels import LabelError
+
+    try:
+        out = build(args)
+    except (BenchmarkError, LabelError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print((out / CARD_MD).read_text())
+    print(f"benchmark: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Training and evaluation: `train_one_epoch`, `evaluate`, and `fit(cfg, report=None)`.
+
+`fit` reads like a table of contents: data -> method -> optimizer -> (resume) -> epochs of train / evaluate /
+checkpoint / report. Per epoch it hands one flat metric dict to `report` (the CLI logs it to MLflow, a sweep passes it
+to `tune.report`). Validation picks the best epoch; test metrics are logged beside it and never used to pick anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from comic.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from comic.config import Config, config_hash, to_dict
+from comic.data.benchmark import Benchmark, ensure_benchmark, load_benchmark
+from comic.data.images import build_loaders
+from comic.losses import StepState
+from comic.meters import CorrectionMeter, LossMeter
+from comic.methods import DataStats, build_method
+from comic.metrics import average_precision, chance_map, evaluate_scores, shot_groups
+from comic.runtime import Runtime, peak_memory_mb, reset_peak_memory, setup_runtime, synchronize
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, float]], None]
+SELECTION_METRIC = "val/map"
+# Extra model outputs scored at evaluation, and the name their metrics carry (Table 1's Head / Tail Model rows).
+EXTRA_OUTPUTS = {"z_h_hat": "head", "z_t_hat": "tail", "z_h": "head_plain", "z_t": "tail_plain"}
+# Config sections that may change between a run and its resume (they do not change what is computed).
+RESUMABLE_CHANGES = ("engine", "train.epochs")
+
+
+@dataclass
+class FitResult:
+    """What a finished (or resumed-and-finished) run leaves: final metrics, history and per-class tables."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    per_class: dict[str, Any]
+    workdir: Path | None
+
+
+@dataclass
+class RunState:
+    """Progress that a checkpoint must carry for an exact resume."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
+    per_class: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, metrics: dict[str, float], per_class: dict[str, Any]) -> None:
+        """Append the epoch; keep it as best when val/map improves (NaN never wins)."""
+        metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: checkpoints load with weights_only
+        self.epoch = int(metrics["epoch"])
+        self.history.append(metrics)
+        score = metrics.get(SELECTION_METRIC, math.nan)
+        if not self.best or (not math.isnan(score) and not score <= self.best.get(SELECTION_METRIC, -math.inf)):
+            self.best = dict(metrics)
+            self.per_class["best"] = per_class
+        self.per_class["last"] = per_class
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """One Adam over the model's parameter groups (each model/module its own LR) and a per-group step decay.
+
+    Adam state is per parameter and the models are routed apart with `.detach()`, so one Adam over the groups updates
+    each model as separate Adams would. Weight decay is coupled L2 (Adam, not AdamW), as in the released code.
+    The released code steps its StepLR at the start of each 1-based epoch: with step s, the LR drops at epochs
+    s, 2s, ...; so during epoch e (1-based) the factor is gamma ** (e // s).
+    """
+    groups = model.param_groups(cfg.optim)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    optimizer = torch.optim.Adam(groups, betas=(cfg.optim.beta1, 0.999), fused=fused or None)
+    gamma = cfg.optim.decay_gamma
+    lambdas = [lambda e, s=g["step_size"]: gamma ** ((e + 1) // s) for g in groups]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def make_train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+                    rt: Runtime) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The per-batch update, written to be capturable: no `.item()`, no branch on tensor values, fixed shapes."""
+
+    def forward_loss(images: torch.Tensor, observed: torch.Tensor, state: StepState):
+        with rt.autocast():
+            out = model(images)
+        return criterion(out, observed, state)
+
+    if cfg.engine.compile != "none":
+        forward_loss = torch.compile(forward_loss, mode=cfg.engine.compile, dynamic=False)
+    by_model: dict[str, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        by_model.setdefault(group.get("model", "all"), []).extend(group["params"])
+    graphs = cfg.engine.compile == "reduce-overhead" and rt.is_cuda
+
+    def step(images: torch.Tensor, observed: torch.Tensor, state: StepState):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        total, parts = forward_loss(images, observed, state)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.optim.grad_clip > 0:
+            for params in by_model.values():  # per model: a global norm would couple the three models
+                nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
+        optimizer.step()
+        return total.detach(), parts
+
+    return step
+
+
+def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criterion: nn.Module, epoch: int,
+                    cfg: Config, rt: Runtime, num_classes: int) -> tuple[dict[str, float], CorrectionMeter]:
+    """One pass over the training loader; returns mean losses, throughput, memory and the correction tallies."""
+    losses, corrections = LossMeter(rt.device), CorrectionMeter(num_classes, rt.device)
+    criterion.start_epoch(epoch)
+    reset_peak_memory(rt)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=not cfg.engine.progress)
+    images_seen, start = 0, time.perf_counter()
+    for i, (images, observed, full) in enumerate(bar):
+        observed = observed.to(rt.device, non_blocking=True)
+        total, parts = step(rt.images_to_device(images), observed, StepState(epoch=epoch, step=i))
+        losses.add(total, parts)
+        if "corrected" in parts:
+            corrections.add(parts["corrected"], observed, full.to(rt.device, non_blocking=True))
+        images_seen += images.shape[0]
+        if (i + 1) % cfg.train.log_interval == 0:
+            losses.check_finite(epoch)
+            bar.set_postfix(loss=f"{losses.means()['train/loss']:.4g}")
+    synchronize(rt)
+    elapsed = time.perf_counter() - start
+    losses.check_finite(epoch)
+    metrics = losses.means() | {"perf/img_per_s": images_seen / max(elapsed, 1e-9), "perf/epoch_s": elapsed,
+                                "perf/peak_mem_mb": peak_memory_mb(rt)}
+    return metrics, corrections
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: torch.utils.data.DataLoader,
+            rt: Runtime) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Sigmoid scores of every model output ([N, C] each, keyed by output field) and the full targets [N, C]."""
+    model.eval()
+    scores: dict[str, list[torch.Tensor]] = {}
+    targets = []
+    for images, _, full in loader:
+        with rt.autocast():
+            out = model(rt.images_to_device(images))
+        for name, value in out._asdict().items():
+            scores.setdefault(name, []).append(torch.sigmoid(value.float()).cpu())
+        targets.append(full)
+    return {k: torch.cat(v).numpy() for k, v in scores.items()}, torch.cat(targets).numpy()
+
+
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime, train_counts: np.ndarray,
+             split: str) -> tuple[dict[str, float], np.ndarray]:
+    """mAP (total, many / medium / few, average) and recall of the prediction, plus the head/tail outputs' mAP.
+
+    Returns the flat metrics (`val/map`, `val/head/map`, ...) and the per-class AP [C] of the prediction.
+    """
+    scores, targets = predict(model, loader, rt)
+    metrics = {f"{split}/{k}": v for k, v in evaluate_scores(scores["logits"], targets, train_counts).items()}
+    metrics[f"{split}/map_chance"] = chance_map(targets)
+    for name, label in EXTRA_OUTPUTS.items():
+        if name in scores:
+            extra = evaluate_scores(scores[name], targets, train_counts)
+            metrics |= {f"{split}/{label}/{k}": v for k, v in extra.items() if k.startswith("map")}
+    return metrics, average_precision(scores["logits"], targets)
+
+
+def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    groups = optimizer.param_groups
+    return {f"train/lr_{str(g.get('name', i)).replace('/', '_')}": g["lr"] for i, g in enumerate(groups)}
+
+
+def _resume(workdir: Path | None, cfg: Config, objects: dict[str, Any], run: RunState) -> bool:
+    """Load the checkpoint in `workdir` into `objects` and `run`; False when starting fresh."""
+    state = load_checkpoint(workdir / "checkpoint") if workdir is not None else None
+    if state is None:
+        return False
+    if state["config_hash"] != _resume_hash(cfg):
+        raise RuntimeError(f"{workdir} holds a checkpoint of a different configuration; "
+                           "use a new work directory or the same overrides")
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    run.epoch, run.history, run.best, run.per_class = (state["run"][k] for k in ("epoch", "history", "best",
+                                                                                  "per_class"))
+    set_rng_state(state["rng"])
+    log.info("resumed from %s after epoch %d", workdir, run.epoch)
+    return True
+
+
+def _resume_hash(cfg: Config) -> str:
+    """Config hash ignoring what may legitimately change on resume (engine knobs, a longer schedule)."""
+    clone = copy.deepcopy(cfg)
+    clone.engine = type(cfg.engine)()
+    clone.train.epochs = 0
+    return config_hash(clone)
+
+
+def _save(workdir: Path | None, cfg: Config, objects: dict[str, Any], run: RunState) -> None:
+    if workdir is None:
+        return
+    state = {name: obj.state_dict() for name, obj in objects.items()}
+    state |= {"config_hash": _resume_hash(cfg), "config": to_dict(cfg), "rng": rng_state(),
+              "run": {"epoch": run.epoch, "history": run.history, "best": run.best, "per_class": run.per_class}}
+    save_checkpoint(workdir / "checkpoint", state)
+
+
+def _per_class(bench: Benchmark, val_ap: np.ndarray, test_ap: np.ndarray, corrections: CorrectionMeter) -> dict:
+    tally = corrections.per_class()
+    return {"class": list(bench.class_names), "train_observed": bench.train_counts.tolist(),
+            "train_full": bench.train.full.sum(0).tolist(), "val_ap": val_ap.tolist(), "test_ap": test_ap.tolist(),
+            "rlc_tp": tally["tp"].tolist(), "rlc_fp": tally["fp"].tolist()}
+
+
+def _final_metrics(run: RunState) -> dict[str, float]:
+    """The last epoch's metrics plus the best-on-val epoch's under `best/...`."""
+    last = dict(run.history[-1]) if run.history else {}
+    best = {f"best/{k}": v for k, v in run.best.items() if k.startswith(("val/", "test/", "epoch"))}
+    return last | best
+
+
+def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None = None) -> FitResult:
+    """Train `cfg.method` on `cfg.data`; checkpoint each epoch into `workdir` and resume from it when present.
+
+    `report(metrics)` is called once per epoch, after the checkpoint is written, with flat keys (`val/map`,
+    `train/loss_mfm_b`, `perf/img_per_s`, ...) and `epoch`.
+    """
+    rt = setup_runtime(cfg.engine, cfg.seed)
+    workdir = Path(workdir) if workdir is not None else None
+    bench = load_benchmark(ensure_benchmark(cfg.data))
+    stats = DataStats(list(bench.class_names), bench.train_counts, bench.train.observed)
+    loaders = build_loaders(bench, cfg.data, cfg.train.batch_size, cfg.seed, pin_memory=rt.is_cuda)
+    method = build_method(cfg, stats)
+    model, criterion = method.model.to(rt.device), method.criterion.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    objects = {"model": model, "criterion": criterion, "optimizer": optimizer, "scheduler": scheduler}
+    run = RunState()
+    resumed = _resume(workdir, cfg, objects, run)
+    step = make_train_step(model, criterion, optimizer, cfg, rt)
+    groups = shot_groups(bench.train_counts)
+    for epoch in range(run.epoch + 1, cfg.train.epochs + 1):
+        _reseed_order(loaders["train"], cfg.seed, epoch)
+        metrics = {"epoch": float(epoch)} | _learning_rates(optimizer)
+        model.train()
+        train_metrics, corrections = train_one_epoch(step, loaders["train"], criterion, epoch, cfg, rt,
+                                                     len(bench.class_names))
+        val, val_ap = evaluate(model, loaders["val"], rt, bench.train_counts, "val")
+        test, test_ap = evaluate(model, loaders["test"], rt, bench.train_counts, "test")
+        metrics |= train_metrics | val | test
+        if bench.has_full_labels and getattr(criterion, "corrects_labels", False):
+            metrics |= corrections.summary(groups)
+        scheduler.step()
+        run.record(metrics, _per_class(bench, val_ap, test_ap, corrections))
+        _save(workdir, cfg, objects, run)
+        if report is not None:
+            report(metrics)
+        _maybe_inject_failure(cfg, epoch, resumed)
+    return FitResult(_final_metrics(run), run.history, run.per_class, workdir)
+
+
+def _reseed_order(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
+    """The data order of epoch e depends on (seed, e) only, so a resumed run sees the same batches."""
+    if getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+def _maybe_inject_failure(cfg: Config, epoch: int, resumed: bool) -> None:
+    """Test hook (`engine.fail_at_epoch`): crash once after that epoch; a resumed run does not crash again."""
+    if cfg.engine.fail_at_epoch == epoch and not resumed:
+        raise RuntimeError(f"injected failure after epoch {epoch} (engine.fail_at_epoch={epoch})")
