@@ -57,6 +57,9 @@ def setup_runtime(cfg: EngineConfig, seed: int) -> Runtime:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    else:
+        # cuDNN autotuning picks the fastest convolution kernels for the fixed batch shape (non-deterministic).
+        torch.backends.cudnn.benchmark = True
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
