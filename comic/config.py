@@ -96,6 +96,8 @@ class ModelConfig:
     moving_vector: bool = _spec(True, None, "Eq. 7 moving average vector e (AMV); off: z_hat = z")
     mu: float = _spec(0.9, _interval(0, 1, hi_open=True), "Eq. 7 decay of e")
     alpha_tde: float = _spec(2.0, NONNEG, "Eq. 10 tail-side coefficient on e (head side: 1)")
+    label_embeddings: str = _spec("", None, "ml-gcn: path to a [C, E] .npy of label word vectors (rows in class "
+                                           "order), or 'random' for a fixed-seed stand-in")
     attention: bool = _spec(True, None, "Eq. 8 additive attention of the balanced model over head/tail features")
     attention_residual: float = _spec(1.0, NONNEG, "Eq. 8 residual coefficient (released code: 0.1)")
     attention_dropout: float = _spec(0.1, _interval(0, 1, hi_open=True), "dropout on the attention weights")
@@ -204,7 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.val_size": 400, "data.image_size": 64, "data.crop_scale_min": 0.5, "data.num_workers": 0,
         "data.synthetic_images": 3000,
         "model.backbone": "tiny", "model.weights": "none", "model.profile": "finetune", "model.feat_dim": 128,
-        "model.log_softmax_feature": False,
+        "model.log_softmax_feature": False, "model.label_embeddings": "random",
         # A CNN trained from scratch needs larger steps than the paper's pretrained ResNet-50 (1e-4 / 1e-3).
         "optim.lr_trunk": 3e-3, "optim.lr_feature": 3e-3, "optim.lr_classifier": 3e-3,
         "optim.step_head": 24, "optim.step_tail": 18,

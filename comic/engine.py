@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from comic.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from comic.config import Config, config_hash, to_dict
 from comic.data.benchmark import Benchmark, ensure_benchmark, load_benchmark
-from comic.data.images import build_loaders
+from comic.data.images import build_loaders, class_aware_loader
 from comic.losses import StepState
 from comic.meters import CorrectionMeter, LossMeter
 from comic.methods import DataStats, build_method
@@ -252,10 +252,12 @@ def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None
     step = make_train_step(model, criterion, optimizer, cfg, rt)
     groups = shot_groups(bench.train_counts)
     for epoch in range(run.epoch + 1, cfg.train.epochs + 1):
-        _reseed_order(loaders["train"], cfg.seed, epoch)
+        train_loader = _train_loader(loaders, method.hooks.sampler(epoch), cfg.seed, epoch)
+        if hasattr(model, "start_epoch"):
+            model.start_epoch(epoch)
         metrics = {"epoch": float(epoch)} | _learning_rates(optimizer)
         model.train()
-        train_metrics, corrections = train_one_epoch(step, loaders["train"], criterion, epoch, cfg, rt,
+        train_metrics, corrections = train_one_epoch(step, train_loader, criterion, epoch, cfg, rt,
                                                      len(bench.class_names))
         val, val_ap = evaluate(model, loaders["val"], rt, bench.train_counts, "val")
         test, test_ap = evaluate(model, loaders["test"], rt, bench.train_counts, "test")
@@ -271,10 +273,17 @@ def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None
     return FitResult(_final_metrics(run), run.history, run.per_class, workdir)
 
 
-def _reseed_order(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
-    """The data order of epoch e depends on (seed, e) only, so a resumed run sees the same batches."""
-    if getattr(loader, "generator", None) is not None:
-        loader.generator.manual_seed(seed * 100_003 + epoch)
+def _train_loader(loaders: dict[str, torch.utils.data.DataLoader], sampler: str, seed: int,
+                  epoch: int) -> torch.utils.data.DataLoader:
+    """The epoch's training loader (random or class-aware sampling), reseeded so that the data order of epoch e
+    depends on (seed, e) only: a resumed run sees the same batches."""
+    if sampler not in ("random", "class-aware"):
+        raise ValueError(f"unknown sampler {sampler!r} requested by the method's hooks")
+    if sampler == "class-aware" and "train_class_aware" not in loaders:
+        loaders["train_class_aware"] = class_aware_loader(loaders["train"], seed)
+    loader = loaders["train" if sampler == "random" else "train_class_aware"]
+    loader.generator.manual_seed(seed * 100_003 + epoch)
+    return loader
 
 
 def _maybe_inject_failure(cfg: Config, epoch: int, resumed: bool) -> None:

@@ -3,20 +3,24 @@ correlation matrix, its normalisation, and the GCN head that turns label embeddi
 
 Follows the reference code (`reference/baselines.md` §9), which differs from the paper text: re-weighting
 p = 0.25 (paper 0.2), division by column sums, self-loop weight 1 (paper 1 - p). For PLT-MLC the matrix is built
-from the *observed* training labels. The label embeddings (GloVe, [C, E]) are read by the caller and passed in as a
-tensor; nothing here reads files.
+from the *observed* training labels. The label embeddings (GloVe, [C, E]) are read by `load_label_embeddings` (called
+by the method builder) and passed to the modules as a tensor; no module reads files.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GCNHead", "correlation_matrix", "normalized_adjacency"]
+from comic.config import ModelConfig, OptimConfig
+from comic.models import BaselineOutput, FeatureExtractor, extractor_param_groups
+
+__all__ = ["GCNHead", "GCNNet", "correlation_matrix", "load_label_embeddings", "normalized_adjacency"]
 
 
 def correlation_matrix(observed: np.ndarray, threshold: float = 0.4, p: float = 0.25) -> np.ndarray:
@@ -91,3 +95,45 @@ class GCNHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         """features: [B, feature_dim] (global-max-pooled in the reference) -> logits [B, C]."""
         return features @ self.classifier().to(features.dtype).T
+
+
+def load_label_embeddings(spec: str, num_classes: int, seed: int = 0, dim: int = 300) -> Tensor:
+    """Label embeddings [C, E] for ML-GCN: a .npy file (rows in the benchmark's class order) or 'random'.
+
+    'random' is a fixed-seed Gaussian stand-in for data without word vectors (the synthetic benchmark); it keeps the
+    GCN's graph propagation but carries no word semantics, so report it as a deviation where it is used.
+    """
+    if spec == "random":
+        return torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(seed))
+    if not spec:
+        raise ValueError("method ml-gcn needs model.label_embeddings=<path to a [C, E] .npy> "
+                         "(e.g. GloVe vectors in class order) or model.label_embeddings=random")
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.label_embeddings={spec!r}: no such file")
+    vectors = np.load(path)
+    if vectors.ndim != 2 or vectors.shape[0] != num_classes:
+        raise ValueError(f"model.label_embeddings={spec!r}: shape {vectors.shape}, expected [{num_classes}, E] "
+                         "(one row per class, in the benchmark's class order)")
+    return torch.as_tensor(vectors, dtype=torch.float32)
+
+
+class GCNNet(nn.Module):
+    """ML-GCN's network: the shared feature extractor, then logits = features @ W^T with W from `GCNHead`.
+
+    Deviation from the reference: the image feature is the feature layer's output (trunk, global average pooling,
+    Linear to feat_dim) rather than a global max pooling of the trunk, so every baseline shares one backbone.
+    """
+
+    def __init__(self, cfg: ModelConfig, embeddings: Tensor, correlation: np.ndarray) -> None:
+        super().__init__()
+        self.features = FeatureExtractor(cfg)
+        self.gcn = GCNHead(embeddings, correlation, cfg.feat_dim)
+
+    def forward(self, images: Tensor) -> BaselineOutput:
+        """images: [B, 3, H, W] -> BaselineOutput(logits [B, C])."""
+        return BaselineOutput(self.gcn(self.features(images)))
+
+    def param_groups(self, optim: OptimConfig) -> list[dict]:
+        """The feature extractor's groups ('baseline/trunk', 'baseline/feature') and 'baseline/classifier' (GCN)."""
+        return extractor_param_groups("baseline", self.features, self.gcn, optim)

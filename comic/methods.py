@@ -2,18 +2,23 @@
 
 Baselines are entries. COMIC ablations are not: they are overrides of `comic` (`rlc.enabled=false`), so the full and
 the ablated method share one code path. Unknown or duplicate names raise and list the valid names.
+A baseline's loss hyperparameters come from `loss.baseline` (e.g. `loss.baseline.gamma_neg=2` for `asl`); the loss
+class's keyword arguments are the schema, so a misspelt key raises naming the valid ones.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from comic.config import Config
+from comic import losses
+from comic.config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,15 +33,27 @@ class DataStats:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def num_images(self) -> int:
+        return int(self.train_observed.shape[0])
+
     def counts_tensor(self) -> torch.Tensor:
         return torch.as_tensor(self.train_counts, dtype=torch.float32)
 
 
+def _always_random(epoch: int) -> str:
+    return "random"
+
+
 @dataclass
 class MethodHooks:
-    """What a method asks of the trainer beyond `model` and `criterion`."""
+    """What a method asks of the trainer beyond `model` and `criterion`.
 
-    sampler: str = "random"  # 'random' or 'class-aware' (multi-label class-aware sampling)
+    sampler(epoch) -> 'random' | 'class-aware': the training sampler of that (1-based) epoch.
+    The model's optional `start_epoch(epoch)` is called before each epoch too (LWS switches stage there).
+    """
+
+    sampler: Callable[[int], str] = _always_random
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -74,18 +91,87 @@ def build_method(cfg: Config, stats: DataStats) -> Method:
     return METHODS[cfg.method](cfg, stats)
 
 
+def loss_kwargs(cfg: Config, loss_cls: type, reserved: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`loss.baseline` minus the method-level keys in `reserved`, checked against `loss_cls`'s keyword arguments."""
+    accepted = [p for p in inspect.signature(loss_cls.__init__).parameters if p != "self"]
+    kwargs = {k: v for k, v in cfg.loss.baseline.items() if k not in reserved}
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"loss.baseline.{unknown[0]}: not a parameter of method '{cfg.method}' "
+                          f"({loss_cls.__name__} accepts: {', '.join(accepted + list(reserved))})")
+    return kwargs
+
+
+def _plain(loss_cls: type, sampler: Callable[[int], str] = _always_random, **fixed: Any) -> Builder:
+    """A baseline = BaselineNet + one plain loss; `fixed` are data-derived constructor arguments."""
+
+    def build(cfg: Config, stats: DataStats) -> Method:
+        from comic.models import BaselineNet
+
+        extra = {k: v(stats) if callable(v) else v for k, v in fixed.items()}
+        loss = loss_cls(**(extra | loss_kwargs(cfg, loss_cls)))
+        criterion = losses.LossCriterion(loss, cfg.method.replace("-", "_"))
+        return Method(BaselineNet(cfg.model, stats.num_classes), criterion, MethodHooks(sampler=sampler))
+
+    return build
+
+
+def _class_aware(epoch: int) -> str:
+    return "class-aware"
+
+
 @register("comic")
 def _comic(cfg: Config, stats: DataStats) -> Method:
-    from comic.losses import ComicCriterion
     from comic.models import ComicNet
 
     model = ComicNet(cfg.model, stats.num_classes)
-    return Method(model, ComicCriterion.from_config(cfg, stats.counts_tensor()))
+    return Method(model, losses.ComicCriterion.from_config(cfg, stats.counts_tensor()))
 
 
-@register("bce")
-def _bce(cfg: Config, stats: DataStats) -> Method:
-    from comic.losses import BCECriterion
-    from comic.models import BaselineNet
+def _register_plain_baselines() -> None:
+    """BCE / Focal / ASL / Hill / SPLC / Pseudo-Label: BaselineNet + the loss. DB and DB-Focal also get the observed
+    counts and class-aware sampling (their re-balanced weights are designed for re-sampled batches, baselines.md §4d);
+    P-ASL gets the observed class frequencies as its prior (baselines.md §10; the ignore-mode prior is degenerate
+    without annotated negatives)."""
+    counts = {"class_counts": lambda s: s.counts_tensor(), "num_images": lambda s: s.num_images}
+    register("bce")(_plain(losses.BCE))
+    register("focal")(_plain(losses.Focal))
+    register("asl")(_plain(losses.ASL))
+    register("hill")(_plain(losses.Hill))
+    register("splc")(_plain(losses.SPLC))
+    register("pseudo-label")(_plain(losses.PseudoLabel))
+    register("db")(_plain(losses.DB, sampler=_class_aware, **counts))
+    register("db-focal")(_plain(losses.DBFocal, sampler=_class_aware, **counts))
+    prior = {"class_prior": lambda s: losses.PartialASL.prior_from_counts(s.counts_tensor(), s.num_images)}
+    register("p-asl")(_plain(losses.PartialASL, **prior))
 
-    return Method(BaselineNet(cfg.model, stats.num_classes), BCECriterion.from_config(cfg))
+
+_register_plain_baselines()
+
+
+@register("ml-gcn")
+def _ml_gcn(cfg: Config, stats: DataStats) -> Method:
+    """ML-GCN: the classifier comes from a GCN over label embeddings (`model.label_embeddings`) and the correlation
+    matrix of the observed training labels (threshold 0.4, p = 0.25); loss BCE."""
+    from comic.gcn import GCNNet, correlation_matrix, load_label_embeddings
+
+    embeddings = load_label_embeddings(cfg.model.label_embeddings, stats.num_classes, seed=cfg.seed)
+    model = GCNNet(cfg.model, embeddings, correlation_matrix(stats.train_observed))
+    return Method(model, losses.LossCriterion(losses.BCE(**loss_kwargs(cfg, losses.BCE)), "bce"))
+
+
+@register("lws")
+def _lws(cfg: Config, stats: DataStats) -> Method:
+    """LWS (Kang et al. 2020): BCE training of BaselineNet, then for the last `loss.baseline.stage2_epochs` epochs
+    (default a fifth, at least 1) a per-class logit scale learned on the frozen network with class-aware sampling."""
+    from comic.lws import LWSNet
+
+    reserved = ("stage2_epochs", "scale_lr")
+    stage2 = int(cfg.loss.baseline.get("stage2_epochs", max(1, cfg.train.epochs // 5)))
+    if not 1 <= stage2 < cfg.train.epochs:
+        raise ConfigError(f"loss.baseline.stage2_epochs={stage2}: must be in [1, train.epochs - 1] "
+                          f"(train.epochs={cfg.train.epochs})")
+    first = cfg.train.epochs - stage2 + 1
+    model = LWSNet(cfg.model, stats.num_classes, first, float(cfg.loss.baseline.get("scale_lr", 1e-2)))
+    criterion = losses.LossCriterion(losses.BCE(**loss_kwargs(cfg, losses.BCE, reserved)), "bce")
+    return Method(model, criterion, MethodHooks(sampler=lambda epoch: "class-aware" if epoch >= first else "random"))

@@ -243,7 +243,9 @@ def _param_group(model: str, module: str, part: nn.Module, optim: OptimConfig) -
             "step_size": step if optim.per_model_decay else balanced_step}
 
 
-def _extractor_groups(model: str, features: FeatureExtractor, classifier: nn.Module, optim: OptimConfig) -> list[dict]:
+def extractor_param_groups(model: str, features: FeatureExtractor, classifier: nn.Module,
+                           optim: OptimConfig) -> list[dict]:
+    """Groups '<model>/trunk' (when it trains), '<model>/feature' and '<model>/classifier'."""
     parts = {"trunk": features.trunk, "feature": features.fc, "classifier": classifier}
     return [g for module, part in parts.items() if (g := _param_group(model, module, part, optim)) is not None]
 
@@ -298,7 +300,7 @@ class ComicNet(nn.Module):
         groups = []
         for name in ("head", "tail", "balanced"):
             branch = getattr(self, name)
-            groups += _extractor_groups(name, branch.features, branch.classifier, optim)
+            groups += extractor_param_groups(name, branch.features, branch.classifier, optim)
         if self.attention is not None:
             groups.append(_param_group("balanced", "attention", self.attention, optim))
         return groups
@@ -318,4 +320,4 @@ class BaselineNet(nn.Module):
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
         """Groups 'baseline/trunk' (finetune only), 'baseline/feature', 'baseline/classifier'; balanced-model steps."""
-        return _extractor_groups("baseline", self.features, self.classifier, optim)
+        return extractor_param_groups("baseline", self.features, self.classifier, optim)

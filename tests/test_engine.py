@@ -87,15 +87,15 @@ def test_non_finite_loss_names_epoch_step_and_terms():
 
 
 def test_training_raises_on_a_diverging_loss(smoke_overrides, monkeypatch):
-    from comic.losses import BCECriterion
+    from comic.losses import LossCriterion
 
-    original = BCECriterion.forward
+    original = LossCriterion.forward
 
     def poisoned(self, out, observed, state=None):
         total, parts = original(self, out, observed, state)
         return total * float("nan"), parts
 
-    monkeypatch.setattr(BCECriterion, "forward", poisoned)
+    monkeypatch.setattr(LossCriterion, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at epoch 1, step 0: loss=nan"):
         fit(_cfg(smoke_overrides, method="bce"))
 

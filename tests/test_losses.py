@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from comic.config import load_config
-from comic.losses import BCECriterion, BCELoss, ComicCriterion, HTBLoss, MFMLoss, RLCLoss, StepState
+from comic.losses import BCE, ComicCriterion, HTBLoss, LossCriterion, MFMLoss, RLCLoss, StepState
 from comic.models import ComicOutput
 
 COUNTS = torch.tensor([400.0, 60.0, 12.0, 3.0])
@@ -49,7 +47,7 @@ def test_mfm_without_focusing_clip_and_weights_is_bce():
     p = _sigmoid(z.numpy())
     bce = -np.sum(y.numpy() * np.log(p) + (1 - y.numpy()) * np.log(1 - p))
     assert mfm(z, y).item() == pytest.approx(bce, rel=1e-6, abs=1e-6)
-    assert BCELoss()(z, y).item() == pytest.approx(bce, rel=1e-6, abs=1e-6)
+    assert BCE()(z, y).item() == pytest.approx(bce, rel=1e-6, abs=1e-6)
 
 
 def test_mfm_focusing_factor_gets_no_gradient():
@@ -184,7 +182,7 @@ def test_htb_kd_matches_hand_formula_and_teachers_get_no_gradient():
     z_t, _ = _data(9)
     z_b, _ = _data(10)
     z_h.requires_grad_(True), z_t.requires_grad_(True), z_b.requires_grad_(True)
-    base = BCELoss()
+    base = BCE()
     loss, kappa_h = HTBLoss(base, alpha=2.0)(z_h, z_t, z_b, y)
     loss.backward()
     zh, zt, zb, yn = (t.detach().numpy() for t in (z_h, z_t, z_b, y))
@@ -219,7 +217,7 @@ def test_htb_literal_matches_hand_formula():
 
 
 def test_htb_kappas_sum_to_one_for_any_loss_size():
-    htb = HTBLoss(BCELoss(), alpha=8.0)
+    htb = HTBLoss(BCE(), alpha=8.0)
     for scale in (1e-3, 1.0, 50.0):
         z_h, y = _data(14, scale=scale)
         z_t, _ = _data(15, scale=scale)
@@ -296,12 +294,11 @@ def test_losses_finite_for_extreme_and_half_precision_logits(dtype, overrides):
     assert all(z.grad is None or torch.isfinite(z.grad).all() for z in out)
 
 
-def test_bce_criterion():
+def test_loss_criterion_wraps_a_plain_loss():
     out, observed = _comic_out(50)
-    loss, parts = BCECriterion()(out, observed, StepState(1, 0))
+    loss, parts = LossCriterion(BCE(), "bce")(out, observed, StepState(1, 0))
     expected = F.binary_cross_entropy_with_logits(out.logits, observed.double(), reduction="sum")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert torch.equal(parts["corrected"], observed) and set(parts) == {"bce", "corrected"}
-    mean_loss, _ = BCECriterion(reduction="mean")(out, observed)
+    assert torch.equal(parts["corrected"], observed.float()) and set(parts) == {"bce", "corrected"}
+    mean_loss, _ = LossCriterion(BCE(reduction="mean"))(out, observed)
     assert mean_loss.item() == pytest.approx(expected.item() / observed.numel(), rel=1e-6)
-    assert math.isfinite(BCECriterion.from_config(load_config("synthetic"))(out, observed)[0].item())

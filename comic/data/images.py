@@ -359,3 +359,19 @@ def build_loaders(bench: Benchmark, data: DataConfig, batch_size: int, seed: int
         log.warning("train split has %d images, fewer than one batch of %d: the train loader is empty",
                     len(train), batch_size)
     return loaders
+
+
+def class_aware_loader(train: DataLoader, seed: int) -> DataLoader:
+    """A training loader over the same dataset with multi-label class-aware sampling (DB, LWS stage 2).
+
+    Draws `len(dataset)` images per epoch: a class uniformly, then one of its (observed) images uniformly. Its
+    generator is reseeded by the trainer each epoch like the random loader's, so epochs are reproducible.
+    """
+    from comic.data.sampler import ClassAwareSampler
+
+    dataset = train.dataset
+    labels = dataset.observed[torch.as_tensor(dataset.rows)]
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=train.batch_size, sampler=ClassAwareSampler(labels, generator=generator),
+                      drop_last=True, generator=generator, num_workers=train.num_workers, pin_memory=train.pin_memory,
+                      persistent_workers=train.num_workers > 0)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from comic.config import Config
+from comic.losses.baselines import BCE
 from comic.losses.htb import HTBLoss
-from comic.losses.mfm import BCELoss, MFMLoss
+from comic.losses.mfm import MFMLoss
 from comic.losses.rlc import RLCLoss
 
 MODELS = {"b": "balanced", "h": "head", "t": "tail"}
@@ -49,7 +50,7 @@ class ComicCriterion(nn.Module):
     @classmethod
     def from_config(cls, cfg: Config, class_counts: Tensor, cooccurrence: Tensor | None = None) -> ComicCriterion:
         """class_counts: [C] observed training positives; cooccurrence: [C, C] counts, only for the MFM prior."""
-        base = MFMLoss.from_config(cfg.mfm, class_counts, cooccurrence) if cfg.mfm.enabled else BCELoss()
+        base = MFMLoss.from_config(cfg.mfm, class_counts, cooccurrence) if cfg.mfm.enabled else BCE()
         rlc = {k: RLCLoss.from_config(cfg.rlc, cfg.mfm, class_counts) for k in MODELS} if cfg.rlc.enabled else None
         htb = HTBLoss(base, cfg.htb.alpha, cfg.htb.variant) if cfg.htb.enabled else None
         return cls(base, rlc, htb, cfg.loss.lambda_m, cfg.loss.lambda_c, cfg.loss.lambda_b)
@@ -95,25 +96,30 @@ class ComicCriterion(nn.Module):
         return losses["balanced"] + losses["head"] + losses["tail"], parts
 
 
-class BCECriterion(nn.Module):
-    """The 'bce' baseline: criterion(out, observed [B, C], state) -> (loss [], {'bce', 'corrected' = observed})."""
+class LossCriterion(nn.Module):
+    """A baseline's plain loss as a criterion: criterion(out, observed [B, C], state) -> (loss [], parts).
 
-    def __init__(self, reduction: str = "sum") -> None:
+    parts: {name: loss, 'corrected': the targets the loss trained on}; for label-correcting baselines (SPLC,
+    Pseudo-Label) those are its corrected targets, so the trainer measures their corrections like RLC's.
+    `start_epoch` forwards the trainer's 1-based epoch to losses that count epochs from 0.
+    """
+
+    def __init__(self, loss: nn.Module, name: str = "loss") -> None:
         super().__init__()
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction={reduction!r}: must be 'sum' or 'mean'")
-        self.reduction = reduction
-        self.bce = BCELoss()
-
-    @classmethod
-    def from_config(cls, cfg: Config, class_counts: Tensor | None = None) -> BCECriterion:
-        return cls(**cfg.loss.baseline)
+        self.loss, self.name = loss, name
+        self.corrects_labels = hasattr(loss, "corrected_targets") or hasattr(loss, "pseudo_targets")
 
     def start_epoch(self, epoch: int) -> None:
-        """Nothing depends on the epoch."""
+        if hasattr(self.loss, "start_epoch"):
+            self.loss.start_epoch(epoch - 1)  # the baseline losses count epochs from 0
+
+    def _targets(self, logits: Tensor, observed: Tensor) -> Tensor:
+        if hasattr(self.loss, "corrected_targets"):
+            return self.loss.corrected_targets(logits.detach().float(), observed.float())
+        if hasattr(self.loss, "pseudo_targets"):  # soft targets: a correction counts once it is at least 0.5
+            return (self.loss.pseudo_targets(logits.detach().float(), observed.float()) >= 0.5).float()
+        return observed.detach().float()
 
     def forward(self, out, observed: Tensor, state: StepState | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = self.bce(out.logits, observed)
-        if self.reduction == "mean":
-            loss = loss / observed.numel()
-        return loss, {"bce": loss.detach(), "corrected": observed.detach().float()}
+        loss = self.loss(out.logits, observed)
+        return loss, {self.name: loss.detach(), "corrected": self._targets(out.logits, observed)}

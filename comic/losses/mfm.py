@@ -97,12 +97,3 @@ class MFMLoss(nn.Module):
         """logits, targets: [B, C] -> [] summed loss."""
         prior = None if self.cooc_norm is None else cooccurrence_margin(targets, self.cooc_norm)
         return focal_sum(logits, targets, self.weight, self.gamma_pos, self.gamma_neg, self.clip, prior)
-
-
-class BCELoss(nn.Module):
-    """Binary cross-entropy, summed like MFM (`mfm.enabled=false`, ablation "-MFM"); soft targets allowed."""
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """logits, targets: [B, C] -> [] summed loss."""
-        z = upcast(logits)
-        return F.binary_cross_entropy_with_logits(z, targets.to(z.dtype), reduction="sum")
