@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from comic.config import Config, to_dict, to_flat_dict
-from comic.engine import FitResult, Report, fit
+from comic.engine import RESUMABLE_CHANGES, FitResult, Report, fit
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
                          tags=_tags(cfg, tags))
     with tracker:
         id_file.write_text(tracker.run_id)
-        tracker.log_params(to_flat_dict(cfg))
+        params, mutable = _split_params(cfg)
+        tracker.log_params(params)
+        tracker.set_tags(mutable)
         tracker.log_dict(to_dict(cfg), "config.yaml")
 
         def on_epoch(metrics: dict[str, float]) -> None:
@@ -51,6 +53,18 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
         tracker.log_metrics(_finite(best), step=int(result.metrics.get("epoch", 0)))
         log_artifacts(tracker, result)
     return result, tracker.run_id
+
+
+def _split_params(cfg: Config) -> tuple[dict[str, object], dict[str, str]]:
+    """MLflow params are immutable, but a resumed run may change the engine knobs or extend the schedule (what
+    the trainer allows on resume): those keys go out as tags (`config.<key>`), the rest as params."""
+    params, mutable = {}, {}
+    for key, value in to_flat_dict(cfg).items():
+        if key.startswith(RESUMABLE_CHANGES):
+            mutable[f"config.{key}"] = str(value)
+        else:
+            params[key] = value
+    return params, mutable
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

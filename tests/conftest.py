@@ -30,3 +30,26 @@ def smoke_overrides(tmp_path_factory) -> dict:
 
     cache = tmp_path_factory.mktemp("comic_data")
     return SMOKE_OVERRIDES | {"data.cache_dir": str(cache), "engine.progress": False}
+
+
+@pytest.fixture(scope="session")
+def _ray_session_end():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session_end):
+    """The session's one local Ray instance (2 CPUs, 200 MB object store, no dashboard), started on first use.
+
+    Shared by every test that needs local Ray; a test that needs its own cluster (the two-node test) shuts it down
+    and the next user starts it again. Shut down at the end of the session.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+                 logging_level="WARNING")
+    return ray

@@ -92,3 +92,18 @@ def test_ml_gcn_embeddings_from_file_or_random(tmp_path, shared_data):
         build_method(voc, _stats(4))
     with pytest.raises(ValueError, match="needs model.label_embeddings"):
         build_method(load_config("synthetic", ["method=ml-gcn", "model.label_embeddings="]), _stats())
+
+
+def test_baselines_script_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "baselines.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke-test", "--seeds", "0", "--study-dir",
+                           str(tmp_path / "study"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                           f"data.cache_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PAPER - Table 1, PLT-COCO" in proc.stdout and "NOT produced by this run" in proc.stdout
+    for label in ("BCE", "DB-Focal", "LWS", "ML-GCN", "P-ASL", "SPLC", "COMIC"):
+        assert f"| {label} | 0 | finished |" in proc.stdout, label

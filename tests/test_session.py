@@ -35,6 +35,11 @@ def test_crash_then_resume_continues_the_same_mlflow_run(smoke_overrides, tmp_pa
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "tables")}
     assert {"config.yaml", "map_curves.png", "tables/per_class_ap.parquet", "tables/per_class_ap.csv"} <= artifacts
+    longer = load_config("synthetic", smoke_overrides | {"train.epochs": 4, "engine.threads": 1})
+    _, again = tracked_fit(longer, tracking_uri=uri, experiment="resume", workdir=tmp_path / "run")
+    assert again == run_id  # engine knobs and a longer schedule may change on resume (they are tags, not params)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/map")) == [1, 2, 3, 4]
+    assert client.get_run(run_id).data.tags["config.train.epochs"] == "4"
 
 
 def test_train_cli_smoke(tmp_path):

@@ -1,0 +1,184 @@
+"""The grid of an ablation study and its content addresses: arms × seeds -> cells, each with a key.
+
+A `Study` names its arms (variants: dicts of dotted overrides of the base config; benchmark variants: overrides of
+`data.*`, each building its own benchmark) and its seeds. Every (arm, seed) is a `Cell` whose key is a hash of
+
+  the resolved config (less the keys in NON_SEMANTIC, which say where or how verbosely, not what, is computed)
+  + the benchmark's content digest (its card's parameters, annotation checksums and label counts; not its paths)
+  + the code version (git commit of this checkout plus a digest of uncommitted changes under `comic/` other than
+    the modules in REPORTING_ONLY, or the package version outside git).
+
+Two arms that resolve to the same config share one cell (e.g. a default point named in two grids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comic.config import Config, ConfigError, apply_overrides, to_flat_dict
+
+# Keys that change where or how verbosely a run happens, not its numbers; left out of the cell key.
+NON_SEMANTIC = ("data.root", "data.cache_dir", "data.num_workers", "engine.progress", "engine.fail_at_epoch",
+                "train.log_interval")
+# Modules that only plan, run, tabulate or draw studies: editing them does not invalidate finished cells.
+REPORTING_ONLY = ("grid.py", "ablation.py", "ablation_cli.py", "ablation_figures.py", "stats.py", "tables.py",
+                  "plots.py")
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of a table: a variant on a benchmark variant, with their merged overrides."""
+
+    name: str
+    variant: str
+    benchmark: str
+    overrides: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A grid: `variants` × `benchmarks` × `seeds`. `reference` names the variant (or, with one variant, the
+    benchmark variant) every other arm is compared with; default: the first."""
+
+    name: str
+    variants: Mapping[str, Mapping[str, Any]]
+    seeds: Sequence[int]
+    benchmarks: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.variants or not self.benchmarks:
+            raise ConfigError("a study needs a name, at least one variant and at least one benchmark variant")
+        seeds = list(self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+            raise ConfigError(f"seeds={seeds!r}: give distinct non-negative integers (--seeds 0 1 2)")
+        names = self.variants if self._compare_variants else self.benchmarks
+        if self.reference is not None and self.reference not in names:
+            raise ConfigError(f"reference={self.reference!r} is not one of {', '.join(map(repr, names))}")
+        for bench in self.benchmarks.values():
+            bad = [k for k in bench if not k.startswith("data.")]
+            if bad:
+                raise ConfigError(f"benchmark variants may only set data.* keys, got {bad}; put them in a variant")
+
+    def arms(self) -> list[Arm]:
+        """Benchmark-major order: each benchmark variant's arms in variant order."""
+        out = []
+        for bench, bench_overrides in self.benchmarks.items():
+            for variant, overrides in self.variants.items():
+                out.append(Arm(self._arm_name(variant, bench), variant, bench, {**bench_overrides, **overrides}))
+        return out
+
+    def _arm_name(self, variant: str, bench: str) -> str:
+        if len(self.benchmarks) == 1:
+            return variant
+        return bench if len(self.variants) == 1 else f"{bench} / {variant}"
+
+    @property
+    def _compare_variants(self) -> bool:
+        """Arms are compared across variants (on each benchmark), unless the only dimension is the benchmarks."""
+        return len(self.variants) > 1 or len(self.benchmarks) == 1
+
+    def references(self) -> dict[str, str | None]:
+        """arm name -> the arm it is compared with (None for a reference arm): the reference variant on the same
+        benchmark when there are several variants, else the reference benchmark variant."""
+        ref_variant = self.reference or next(iter(self.variants))
+        ref_bench = self.reference or next(iter(self.benchmarks))
+        out: dict[str, str | None] = {}
+        for arm in self.arms():
+            ref = (self._arm_name(ref_variant, arm.benchmark) if self._compare_variants
+                   else self._arm_name(arm.variant, ref_bench))
+            out[arm.name] = None if ref == arm.name else ref
+        return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    arm: Arm
+    seed: int
+    config: Config
+    key: str
+    dataset: str  # content digest of the benchmark
+
+
+# --------------------------------------------------------------------------------------------- content addresses
+
+
+def code_version() -> str:
+    """`<commit[:12]>` of this checkout, `+<digest>` of uncommitted changes under comic/ (less REPORTING_ONLY);
+    outside git the package version."""
+    paths = ["comic", *(f":(exclude)comic/{name}" for name in REPORTING_ONLY)]
+    try:
+        if Path(_git("rev-parse", "--show-toplevel")).resolve() != _PACKAGE_ROOT:
+            raise OSError("the package is not the root of its git checkout")
+        commit = _git("rev-parse", "HEAD")[:12]
+        diff = _git("diff", "HEAD", "--", *paths)
+        untracked = _git("ls-files", "--others", "--exclude-standard", "--", *paths).split()
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return f"comic-lab=={importlib.metadata.version('comic-lab')}"
+        except importlib.metadata.PackageNotFoundError:
+            return "comic-lab==unknown"
+    digest = hashlib.sha256(diff.encode())
+    for name in sorted(untracked):  # new modules count as code too
+        digest.update(name.encode() + b"\0" + (_PACKAGE_ROOT / name).read_bytes())
+    return commit if not diff and not untracked else f"{commit}+{digest.hexdigest()[:8]}"
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(_PACKAGE_ROOT), *args], capture_output=True, text=True, timeout=30,
+                          check=True)
+    return done.stdout.strip()
+
+
+def dataset_digest(cfg: Config) -> str:
+    """Build (or find) `cfg.data`'s benchmark and hash its card's content: parameters, builder version, annotation
+    checksums and label counts. Unlike card['hash'], it leaves out file paths, so a moved data cache keeps its cells."""
+    from comic.data.benchmark import ensure_benchmark
+
+    card = json.loads((ensure_benchmark(cfg.data) / "card.json").read_text())
+    content = {k: card.get(k) for k in ("format_version", "builder_version", "benchmark", "parameters",
+                                        "source_sha256", "class_names", "sizes", "counts")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cell_key(cfg: Config, dataset: str, code: str) -> str:
+    """The cell's content address: resolved config (less NON_SEMANTIC keys) + dataset digest + code version."""
+    flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in NON_SEMANTIC}
+    blob = json.dumps({"config": flat, "dataset": dataset, "code": code}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan(study: Study, base: Config, code: str | None = None) -> list[Cell]:
+    """Every (arm, seed) cell of `study` on `base`, arm-major; builds each benchmark variant once if missing."""
+    code = code or code_version()
+    digests: dict[str, str] = {}
+    cells = []
+    for arm in study.arms():
+        for seed in study.seeds:
+            try:
+                cfg = apply_overrides(base, {**arm.overrides, "seed": seed})
+            except ConfigError as err:
+                raise ConfigError(f"arm {arm.name!r}: {err}") from err
+            data_id = json.dumps({k: v for k, v in to_flat_dict(cfg).items() if k.startswith("data.")},
+                                 sort_keys=True, default=str)
+            if data_id not in digests:
+                digests[data_id] = dataset_digest(cfg)
+            cells.append(Cell(arm, seed, cfg, cell_key(cfg, digests[data_id], code), digests[data_id]))
+    return cells
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Data paths made absolute: Ray trials run in other working directories."""
+    overrides = {"data.cache_dir": os.path.abspath(os.path.expanduser(cfg.data.cache_dir))}
+    if cfg.data.root:
+        overrides["data.root"] = os.path.abspath(os.path.expanduser(cfg.data.root))
+    return apply_overrides(cfg, overrides)
