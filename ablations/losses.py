@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import sys
 
-from comic.ablation_cli import AblationSpec, PaperTable, parse_args, run, setup_logging
+from comic.ablation_cli import AblationSpec, PaperTable, execute
 from comic.ablation_figures import bars_figure
-from comic.config import ConfigError
 
 COLUMNS = {"total mAP": "best/test/map", "average mAP": "best/test/map_avg"}
 NO_HT = {"mfm.use_ht": False}
@@ -59,15 +58,9 @@ SPEC = AblationSpec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(SPEC, __doc__, argv)
-    setup_logging()
-    try:
-        report = run(SPEC, args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.text)
-    return report.exit_code
+    code, text = execute(SPEC, __doc__, argv)
+    print(text, file=sys.stderr if code == 2 else sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

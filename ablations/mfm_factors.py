@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import sys
 
-from comic.ablation_cli import AblationSpec, PaperTable, parse_args, run, setup_logging
-from comic.config import ConfigError
+from comic.ablation_cli import SHOT_COLUMNS, AblationSpec, PaperTable, execute
 
-COLUMNS = {"total": "best/test/map", "many": "best/test/map_many", "medium": "best/test/map_medium",
-           "few": "best/test/map_few"}
+COLUMNS = SHOT_COLUMNS
 
 SPEC = AblationSpec(
     name="mfm_factors",
@@ -50,15 +48,9 @@ SPEC = AblationSpec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(SPEC, __doc__, argv)
-    setup_logging()
-    try:
-        report = run(SPEC, args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.text)
-    return report.exit_code
+    code, text = execute(SPEC, __doc__, argv)
+    print(text, file=sys.stderr if code == 2 else sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import sys
 
-from comic.ablation_cli import AblationSpec, PaperTable, parse_args, run, setup_logging
+from comic.ablation_cli import SHOT_COLUMNS, AblationSpec, PaperTable, execute
 from comic.ablation_figures import sensitivity_figure
-from comic.config import ConfigError
 
-COLUMNS = {"total": "best/test/map", "many": "best/test/map_many", "medium": "best/test/map_medium",
-           "few": "best/test/map_few"}
+COLUMNS = SHOT_COLUMNS
 DEFAULT = "default (α=2, τ=0.7)"
 ALPHAS = {f"α={a:g}": a for a in (0.5, 1.0, 3.0, 4.0)}
 TAUS = {f"τ={t:g}": t for t in (0.5, 0.6, 0.8, 0.9)}
@@ -56,15 +54,9 @@ SPEC = AblationSpec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(SPEC, __doc__, argv)
-    setup_logging()
-    try:
-        report = run(SPEC, args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.text)
-    return report.exit_code
+    code, text = execute(SPEC, __doc__, argv)
+    print(text, file=sys.stderr if code == 2 else sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ text for the script to print. Every table reports test-set metrics of the epoch 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,11 @@ METRIC_NOTE = ("Metrics: test-set mAP / recall in %, at the epoch with the best 
 STATS_NOTE = ("mean ± std: sample std (ddof 1) over the seeds that finished, n in brackets. 95% CI: Student t with "
               "n-1 degrees of freedom. diff: paired by seed against the reference arm, paired t-test p-value; "
               "'within noise' = the 95% CI of the paired difference contains 0 (equivalently p >= 0.05).")
+
+
+# The columns of the paper's shot-group tables (Tables 3-5, Fig. 3): test metrics at the best-on-validation epoch.
+SHOT_COLUMNS = {"total": "best/test/map", "many": "best/test/map_many", "medium": "best/test/map_medium",
+                "few": "best/test/map_few"}
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,24 @@ def run(spec: AblationSpec, args: argparse.Namespace) -> Report:
         rows = study_run.run(args.backend, resources=_resources(args), max_failures=args.max_failures,
                              shared_storage=args.shared_storage, progress=study_run.cells[0].config.engine.progress)
         return _report(spec, args, study_run, rows)
+
+
+def execute(spec: AblationSpec, doc: str, argv: Sequence[str] | None = None,
+            paper: Callable[[str], PaperTable] | None = None) -> tuple[int, str]:
+    """A whole ablation script: parse `argv`, run the grid, compose the report -> (exit code, text to show).
+
+    Exit code 2 with an 'error: ...' text for bad input (show it on stderr); `paper(preset)` picks the paper's table
+    for the chosen preset (Table 1 has one per benchmark).
+    """
+    args = parse_args(spec, doc, argv)
+    if paper is not None:
+        spec = dataclasses.replace(spec, paper=paper(args.preset))
+    setup_logging()
+    try:
+        report = run(spec, args)
+    except ConfigError as err:
+        return 2, f"error: {err}"
+    return report.exit_code, report.text
 
 
 def _plan_text(study_run: StudyRun) -> str:

@@ -19,16 +19,13 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from comic.ablation_cli import AblationSpec, PaperTable, parse_args, run, setup_logging
+from comic.ablation_cli import SHOT_COLUMNS, AblationSpec, PaperTable, execute
 from comic.ablation_figures import bars_figure
-from comic.config import ConfigError
 from comic.methods import list_methods
 
-COLUMNS = {"many": "best/test/map_many", "medium": "best/test/map_medium", "few": "best/test/map_few",
-           "total": "best/test/map"}
+COLUMNS = {key: SHOT_COLUMNS[key] for key in ("many", "medium", "few", "total")}  # Table 1's column order
 LABELS = {"bce": "BCE", "focal": "Focal", "asl": "ASL", "db": "DB", "db-focal": "DB-Focal", "lws": "LWS",
           "pseudo-label": "Pseudo-Label", "ml-gcn": "ML-GCN", "hill": "Hill", "p-asl": "P-ASL", "splc": "SPLC",
           "comic": "COMIC"}
@@ -80,17 +77,14 @@ SPEC = AblationSpec(
 )
 
 
+def paper_table(preset: str) -> PaperTable:
+    return _paper(PAPER_VOC, "PLT-VOC") if preset == "plt-voc" else _paper(PAPER_COCO, "PLT-COCO")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(SPEC, __doc__, argv)
-    spec = dataclasses.replace(SPEC, paper=_paper(PAPER_VOC, "PLT-VOC")) if args.preset == "plt-voc" else SPEC
-    setup_logging()
-    try:
-        report = run(spec, args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.text)
-    return report.exit_code
+    code, text = execute(SPEC, __doc__, argv, paper=paper_table)
+    print(text, file=sys.stderr if code == 2 else sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

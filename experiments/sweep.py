@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_spec(args: argparse.Namespace):
     """The sweep spec from the flags (a new sweep), or the saved one (--resume) with new confirmation settings."""
-    from comic.tune import DEFAULT_SPACE, Resources, SweepSpec, load_space, load_sweep, parse_space, with_learning_rate
+    from comic.sweep import SweepSpec, load_sweep
+    from comic.tune import DEFAULT_SPACE, Resources, load_space, parse_space, with_learning_rate
 
     confirm = {"confirm_top": args.confirm_top, "confirm_seeds": args.seeds}
     if args.resume:
@@ -125,7 +126,8 @@ def build_spec(args: argparse.Namespace):
 
 
 def report(result, spec) -> None:
-    from comic.tune import format_confirm, format_trials, is_remote_path
+    from comic.sweep import format_confirm, format_trials
+    from comic.tune import is_remote_path
 
     print(f"\nSweep {result.name}: {len(result.trials)} trials (Tune experiment {result.experiment_path})")
     print(format_trials(result.trials, spec.space))
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("comic").setLevel(logging.INFO)
-    from comic.tune import TuneError, TuneInterrupted, ray_session, run_sweep
+    from comic.sweep import run_sweep
+    from comic.tune import TuneError, TuneInterrupted, ray_session
 
     try:
         spec = build_spec(args)

@@ -15,6 +15,7 @@ def _loaded_after(statement: str) -> set[str]:
 
 
 def test_core_import_leaves_orchestration_out():
-    loaded = _loaded_after("import comic, comic.engine, comic.session, comic.tracking, comic.methods")
+    loaded = _loaded_after("import comic, comic.engine, comic.session, comic.tracking, comic.methods, comic.tune, "
+                           "comic.sweep, comic.ablation, comic.ablation_cli")
     assert "torch" in loaded  # the check is live: the engine did import its own dependencies
     assert HEAVY.isdisjoint(loaded), HEAVY & loaded

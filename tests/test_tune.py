@@ -20,27 +20,29 @@ from mlflow import MlflowClient
 from ray import tune
 
 from comic.config import ConfigError, load_config
+from comic.sweep import (
+    SweepSpec,
+    best_row,
+    format_confirm,
+    format_trials,
+    load_sweep,
+    markdown_table,
+    run_sweep,
+    summarize_confirm,
+)
 from comic.tune import (
     DEFAULT_SPACE,
     Dimension,
     Resources,
-    SweepSpec,
     TuneError,
     TuneInterrupted,
     absolute_storage,
-    best_row,
     default_point,
     fit_metrics,
-    format_confirm,
-    format_trials,
     is_remote_path,
     load_space,
-    load_sweep,
-    markdown_table,
     parse_space,
     run_configs,
-    run_sweep,
-    summarize_confirm,
     with_learning_rate,
 )
 
