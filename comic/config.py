@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -365,15 +366,20 @@ def load_config(preset: str = "synthetic", overrides: Mapping[str, Any] | Iterab
     return apply_overrides(cfg, overrides)
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def read_yaml_mapping(path: str | os.PathLike[str], what: str = "config keys") -> dict[str, Any]:
+    """A YAML file holding one mapping; ConfigError naming the file when it is not valid YAML or not a mapping."""
     with open(path) as fh:
         try:
             loaded = yaml.safe_load(fh) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-    return flatten(loaded)
+        raise ConfigError(f"{path}: expected a mapping of {what}, got {type(loaded).__name__}")
+    return loaded
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    return flatten(read_yaml_mapping(path))
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from comic.config import Config, ConfigError, apply_overrides, field_specs, to_dict, to_flat_dict
+from comic.config import Config, ConfigError, apply_overrides, field_specs, read_yaml_mapping, to_dict, to_flat_dict
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +173,7 @@ def _check_values(base: Config, key: str, dim: Dimension) -> None:
 
 def load_space(path: str | os.PathLike[str], base: Config | None = None) -> dict[str, Dimension]:
     """Read a search space YAML file (same format as `parse_space`)."""
-    import yaml
-
-    with open(path) as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of config keys to ranges, got {type(raw).__name__}")
-    return parse_space(raw, base)
+    return parse_space(read_yaml_mapping(path, "config keys to ranges"), base)
 
 
 def with_learning_rate(space: Mapping[str, Dimension], base: Config, key: str = "optim.lr_feature",
