@@ -7,7 +7,8 @@ to `tune.report`). Validation picks the best epoch; test metrics are logged besi
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from comic.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from comic.config import Config, config_hash, to_dict
+from comic.config import Config, to_dict, to_flat_dict
 from comic.data.benchmark import Benchmark, ensure_benchmark, load_benchmark
 from comic.data.images import build_loaders, class_aware_loader
 from comic.losses import StepState
@@ -200,11 +201,10 @@ def _resume(workdir: Path | None, cfg: Config, objects: dict[str, Any], run: Run
 
 
 def _resume_hash(cfg: Config) -> str:
-    """Config hash ignoring what may legitimately change on resume (engine knobs, a longer schedule)."""
-    clone = copy.deepcopy(cfg)
-    clone.engine = type(cfg.engine)()
-    clone.train.epochs = 0
-    return config_hash(clone)
+    """Config hash ignoring what may legitimately change on resume (RESUMABLE_CHANGES: engine knobs, the schedule's
+    length); the same keys `comic.session` logs as mutable tags."""
+    kept = {k: v for k, v in to_flat_dict(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _save(workdir: Path | None, cfg: Config, objects: dict[str, Any], run: RunState) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from comic.config import Config, ConfigError, apply_overrides, to_flat_dict
+from comic.tracking import git
 
 # Keys that change where or how verbosely a run happens, not its numbers; left out of the cell key.
 NON_SEMANTIC = ("data.root", "data.cache_dir", "data.num_workers", "engine.progress", "engine.fail_at_epoch",
@@ -117,11 +118,11 @@ def code_version() -> str:
     outside git the package version."""
     paths = ["comic", *(f":(exclude)comic/{name}" for name in REPORTING_ONLY)]
     try:
-        if Path(_git("rev-parse", "--show-toplevel")).resolve() != _PACKAGE_ROOT:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != _PACKAGE_ROOT:
             raise OSError("the package is not the root of its git checkout")
-        commit = _git("rev-parse", "HEAD")[:12]
-        diff = _git("diff", "HEAD", "--", *paths)
-        untracked = _git("ls-files", "--others", "--exclude-standard", "--", *paths).split()
+        commit = git("rev-parse", "HEAD")[:12]
+        diff = git("diff", "HEAD", "--", *paths)
+        untracked = git("ls-files", "--others", "--exclude-standard", "--", *paths).split()
     except (OSError, subprocess.SubprocessError):
         try:
             return f"comic-lab=={importlib.metadata.version('comic-lab')}"
@@ -131,12 +132,6 @@ def code_version() -> str:
     for name in sorted(untracked):  # new modules count as code too
         digest.update(name.encode() + b"\0" + (_PACKAGE_ROOT / name).read_bytes())
     return commit if not diff and not untracked else f"{commit}+{digest.hexdigest()[:8]}"
-
-
-def _git(*args: str) -> str:
-    done = subprocess.run(["git", "-C", str(_PACKAGE_ROOT), *args], capture_output=True, text=True, timeout=30,
-                          check=True)
-    return done.stdout.strip()
 
 
 def dataset_digest(cfg: Config) -> str:

@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-MANY_MIN = 100
-FEW_BELOW = 20
+from comic.metrics import shot_groups
+
 SHOT_GROUPS = ("many", "medium", "few")
 GROUP_COLORS = {"many": "#4C72B0", "medium": "#DD8452", "few": "#C44E52", "total": "#55A868"}
 MODEL_COLORS = {"head": "#4C72B0", "tail": "#C44E52", "balanced": "#2F2F2F"}
@@ -28,10 +28,8 @@ RUN_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", 
 
 
 def shot_group(count: float) -> str:
-    """'many' (>= 100 training images), 'medium' (20-99) or 'few' (< 20)."""
-    if count >= MANY_MIN:
-        return "many"
-    return "medium" if count >= FEW_BELOW else "few"
+    """'many' (>= 100 training images), 'medium' (20-99) or 'few' (< 20), as `comic.metrics.shot_groups`."""
+    return str(shot_groups(np.array([count]))[0])
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Axes]]:

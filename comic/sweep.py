@@ -330,9 +330,12 @@ def _cell(value: Any) -> str:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A GitHub Markdown table of `columns` (floats to 4 significant digits, NaN as '-')."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    import pandas as pd
+
+    from comic.tables import markdown
+
+    cells = pd.DataFrame([[_cell(row.get(c, "")) for c in columns] for row in rows], columns=list(columns))
+    return markdown(cells) + "\n"
 
 
 def format_trials(rows: Sequence[Mapping[str, Any]], space: Mapping[str, Any], limit: int = 20) -> str:

@@ -573,9 +573,10 @@ class RunTracker:
 # --------------------------------------------------------------------------------------------- provenance
 
 
-def _git(*args: str) -> str:
+def git(*args: str) -> str:
+    """stdout of `git <args>` run in the checkout holding this package (raises OSError / SubprocessError)."""
     done = subprocess.run(
-        ["git", "-C", str(_PACKAGE_ROOT), *args], capture_output=True, text=True, timeout=10, check=True
+        ["git", "-C", str(_PACKAGE_ROOT), *args], capture_output=True, text=True, timeout=30, check=True
     )
     return done.stdout.strip()
 
@@ -583,11 +584,11 @@ def _git(*args: str) -> str:
 def _git_state() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the repository holding this package; (None, None) without git or outside a checkout."""
     try:
-        if Path(_git("rev-parse", "--show-toplevel")).resolve() != _PACKAGE_ROOT:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != _PACKAGE_ROOT:
             return None, None  # installed inside some other repository (e.g. a venv in a checkout)
-        commit = _git("rev-parse", "HEAD")
+        commit = git("rev-parse", "HEAD")
         # Untracked files (outputs, caches) do not make the code dirty.
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit, dirty
