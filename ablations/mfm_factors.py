@@ -5,7 +5,7 @@
   P-N only (no H-T)   mfm.use_ht=false: gamma_ht and the class weight w_c off
   H-T only (no P-N)   mfm.use_pn=false: the P-N exponents set to 0, gamma_ht and w_c kept
 The switches act on MFM, the classification loss L of Eq. 1 (also used for HTB's kappa); RLC keeps its own loss on
-the corrected labels. Exactly how the authors switched the factors off is not stated (reference §5).
+the corrected labels. Exactly how the authors switched the factors off is not stated in the paper.
 Columns, all at the epoch with the best validation mAP: total mAP and the many / medium / few group mAPs.
 
 Examples:
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import sys
 
-from comic.ablation_cli import SHOT_COLUMNS, AblationSpec, PaperTable, execute
+from comic.studies import cli
+from comic.studies.spec import SHOT_COLUMNS, AblationSpec, PaperTable
 
 COLUMNS = SHOT_COLUMNS
 
@@ -48,9 +49,7 @@ SPEC = AblationSpec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    code, text = execute(SPEC, __doc__, argv)
-    print(text, file=sys.stderr if code == 2 else sys.stdout)
-    return code
+    return cli.main(SPEC, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import sys
 
-from comic.ablation_cli import SHOT_COLUMNS, AblationSpec, PaperTable, execute
-from comic.ablation_figures import sensitivity_figure
+from comic.studies import cli
+from comic.studies.figures import sensitivity_figure
+from comic.studies.spec import SHOT_COLUMNS, AblationSpec, PaperTable
 
 COLUMNS = SHOT_COLUMNS
 DEFAULT = "default (α=2, τ=0.7)"
@@ -54,9 +55,7 @@ SPEC = AblationSpec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    code, text = execute(SPEC, __doc__, argv)
-    print(text, file=sys.stderr if code == 2 else sys.stdout)
-    return code
+    return cli.main(SPEC, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ import torch
 
 from comic.config import DataConfig
 from comic.data import synthetic
-from comic.data.benchmark import BuildParams, build_benchmark, coco_root_source, load_benchmark
+from comic.data.build import build_benchmark
 from comic.data.images import build_loaders
+from comic.data.reader import load_benchmark
+from comic.data.sources import BuildParams, coco_root_source
 
 
 def parse_args() -> argparse.Namespace:

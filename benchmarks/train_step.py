@@ -17,10 +17,10 @@ import time
 import torch
 
 from comic.config import load_config
+from comic.device import setup_runtime, synchronize
 from comic.engine import build_optimizer, make_train_step
 from comic.losses import ComicCriterion, StepState
 from comic.models import ComicNet
-from comic.runtime import setup_runtime, synchronize
 
 
 def parse_args() -> argparse.Namespace:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from comic._io import absolute_path, stable_hash
 
 Check = Callable[[Any], str | None]
 
@@ -182,7 +182,6 @@ class EngineConfig:
     deterministic: bool = _spec(False, None, "deterministic algorithms (exact resume on CPU)")
     threads: int = _spec(0, NONNEG_INT, "torch CPU threads; 0 keeps torch's default")
     progress: bool = _spec(True, None, "progress bars (off inside Ray trials)")
-    fail_at_epoch: int = _spec(0, NONNEG_INT, "fault injection for tests: raise after this epoch unless resumed; 0 off")
 
 
 @dataclass
@@ -395,6 +394,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with absolute data paths: Ray trials and resumed runs start in other working directories."""
+    overrides = {"data.cache_dir": str(absolute_path(cfg.data.cache_dir))}
+    if cfg.data.root:
+        overrides["data.root"] = str(absolute_path(cfg.data.root))
+    return apply_overrides(cfg, overrides)
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as a nested plain dict (saved with every run)."""
     return dataclasses.asdict(cfg)
@@ -410,15 +417,33 @@ def from_dict(tree: Mapping[str, Any]) -> Config:
     return apply_overrides(Config(), flatten(tree))
 
 
-def config_hash(cfg: Config, length: int = 12) -> str:
-    """Stable content hash of the resolved config."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
+# --------------------------------------------------------------------------------------------- run identity
+
+# Keys that change how a run executes, never what it computes: where data lives, how many workers and threads,
+# which device and kernels, progress and logging cadence. A run's identity leaves them out.
+EXECUTION_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "engine.device", "engine.compile",
+                  "engine.channels_last", "engine.deterministic", "engine.threads", "engine.progress",
+                  "train.log_interval")
+# Keys a resumed run may change as well: a longer schedule, another autocast precision.
+RESUME_KEYS = ("train.epochs", "engine.amp")
 
 
-def describe() -> str:
-    """One line per key: dotted name, default, help. Used by `--help` of the scripts."""
-    cfg = Config()
+def identity(cfg: Config, *, resumable: bool = False) -> dict[str, Any]:
+    """THE definition of what a run computes: dotted key -> value of every key but EXECUTION_KEYS (and, with
+    `resumable`, RESUME_KEYS). The resume check, the ablation cell key, the work-directory name and the MLflow
+    params/tags split all use it; the data itself is identified by the benchmark's content digest, not its path."""
+    skip = EXECUTION_KEYS + (RESUME_KEYS if resumable else ())
+    return {key: value for key, value in to_flat_dict(cfg).items() if key not in skip}
+
+
+def identity_hash(cfg: Config, *, resumable: bool = False, **extra: Any) -> str:
+    """Stable hash of `identity(cfg)` plus `extra` parts (the dataset digest, a code version)."""
+    return stable_hash({"config": identity(cfg, resumable=resumable), **extra})
+
+
+def describe(cfg: Config | None = None) -> str:
+    """One line per key: dotted name, value in `cfg` (default: the defaults), help. For `--list-keys`."""
+    cfg = cfg if cfg is not None else Config()
     lines = []
     for key, spec in field_specs().items():
         lines.append(f"  {key} = {_get(cfg, key)!r}  # {spec.metadata.get('help', '')}")

@@ -7,8 +7,6 @@ to `tune.report`). Validation picks the best epoch; test metrics are logged besi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -23,54 +21,66 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from comic.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from comic.config import Config, to_dict, to_flat_dict
-from comic.data.benchmark import Benchmark, ensure_benchmark, load_benchmark
+from comic.config import Config, identity_hash, to_dict
+from comic.data.build import ensure_benchmark
 from comic.data.images import build_loaders, class_aware_loader
-from comic.losses import StepState
+from comic.data.reader import Benchmark, load_benchmark
+from comic.device import Runtime, peak_memory_mb, reset_peak_memory, setup_runtime, synchronize
 from comic.meters import CorrectionMeter, LossMeter
-from comic.methods import DataStats, build_method
+from comic.methods import Criterion, DataStats, Method, Model, build_method
 from comic.metrics import average_precision, chance_map, evaluate_scores, shot_groups
-from comic.runtime import Runtime, peak_memory_mb, reset_peak_memory, setup_runtime, synchronize
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[dict[str, float]], None]
 SELECTION_METRIC = "val/map"
 # Extra model outputs scored at evaluation, and the name their metrics carry (Table 1's Head / Tail Model rows).
 EXTRA_OUTPUTS = {"z_h_hat": "head", "z_t_hat": "tail", "z_h": "head_plain", "z_t": "tail_plain"}
-# Config sections that may change between a run and its resume (they do not change what is computed).
-RESUMABLE_CHANGES = ("engine", "train.epochs")
-
-
-@dataclass
-class FitResult:
-    """What a finished (or resumed-and-finished) run leaves: final metrics, history and per-class tables."""
-
-    metrics: dict[str, float]
-    history: list[dict[str, float]]
-    per_class: dict[str, Any]
-    workdir: Path | None
 
 
 @dataclass
 class RunState:
-    """Progress that a checkpoint must carry for an exact resume."""
+    """Progress that a checkpoint must carry for an exact resume: every epoch's metrics, the best-on-val epoch's
+    metrics and the per-class tables of the best and the last epoch."""
 
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)
     per_class: dict[str, Any] = field(default_factory=dict)
 
-    def record(self, metrics: dict[str, float], per_class: dict[str, Any]) -> None:
-        """Append the epoch; keep it as best when val/map improves (NaN never wins)."""
+    def record(self, metrics: dict[str, float], per_class: dict[str, Any]) -> dict[str, float]:
+        """Append the epoch; keep it as best when val/map improves (NaN never wins). Returns the epoch's metrics with
+        the best epoch's so far under `best/...` (what is reported every epoch)."""
         metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: checkpoints load with weights_only
         self.epoch = int(metrics["epoch"])
-        self.history.append(metrics)
         score = metrics.get(SELECTION_METRIC, math.nan)
         if not self.best or (not math.isnan(score) and not score <= self.best.get(SELECTION_METRIC, -math.inf)):
             self.best = dict(metrics)
             self.per_class["best"] = per_class
         self.per_class["last"] = per_class
+        self.history.append(metrics | self.best_metrics())
+        return self.history[-1]
+
+    def best_metrics(self) -> dict[str, float]:
+        """The best-on-val epoch's `epoch`, `val/*` and `test/*` metrics under `best/...`."""
+        return {f"best/{k}": v for k, v in self.best.items() if k.startswith(("val/", "test/", "epoch"))}
+
+
+@dataclass
+class FitResult:
+    """What a run leaves: its last epoch's metrics (with best/...), the history and the per-class tables."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    per_class: dict[str, Any]
+    workdir: Path | None
+
+    @classmethod
+    def of(cls, run: RunState, workdir: Path | None) -> FitResult:
+        return cls(dict(run.history[-1]) if run.history else {}, run.history, run.per_class, workdir)
+
+
+# report(metrics, state) after each epoch's checkpoint: the epoch's flat metrics (with best/...) and the run so far.
+Report = Callable[[dict[str, float], RunState], None]
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -89,14 +99,14 @@ def build_optimizer(model: nn.Module, cfg: Config) -> tuple[torch.optim.Optimize
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
-def make_train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+def make_train_step(model: Model, criterion: Criterion, optimizer: torch.optim.Optimizer, cfg: Config,
                     rt: Runtime) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """The per-batch update, written to be capturable: no `.item()`, no branch on tensor values, fixed shapes."""
 
-    def forward_loss(images: torch.Tensor, observed: torch.Tensor, state: StepState):
+    def forward_loss(images: torch.Tensor, observed: torch.Tensor):
         with rt.autocast():
             out = model(images)
-        return criterion(out, observed, state)
+        return criterion(out, observed)
 
     if cfg.engine.compile != "none":
         forward_loss = torch.compile(forward_loss, mode=cfg.engine.compile, dynamic=False)
@@ -105,10 +115,10 @@ def make_train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         by_model.setdefault(group.get("model", "all"), []).extend(group["params"])
     graphs = cfg.engine.compile == "reduce-overhead" and rt.is_cuda
 
-    def step(images: torch.Tensor, observed: torch.Tensor, state: StepState):
+    def step(images: torch.Tensor, observed: torch.Tensor):
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        total, parts = forward_loss(images, observed, state)
+        total, parts = forward_loss(images, observed)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.optim.grad_clip > 0:
@@ -120,7 +130,7 @@ def make_train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     return step
 
 
-def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criterion: nn.Module, epoch: int,
+def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criterion: Criterion, epoch: int,
                     cfg: Config, rt: Runtime, num_classes: int) -> tuple[dict[str, float], CorrectionMeter]:
     """One pass over the training loader; returns mean losses, throughput, memory and the correction tallies."""
     losses, corrections = LossMeter(rt.device), CorrectionMeter(num_classes, rt.device)
@@ -130,7 +140,7 @@ def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criteri
     images_seen, start = 0, time.perf_counter()
     for i, (images, observed, full) in enumerate(bar):
         observed = observed.to(rt.device, non_blocking=True)
-        total, parts = step(rt.images_to_device(images), observed, StepState(epoch=epoch, step=i))
+        total, parts = step(rt.images_to_device(images), observed)
         losses.add(total, parts)
         if "corrected" in parts:
             corrections.add(parts["corrected"], observed, full.to(rt.device, non_blocking=True))
@@ -183,35 +193,27 @@ def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"train/lr_{str(g.get('name', i)).replace('/', '_')}": g["lr"] for i, g in enumerate(groups)}
 
 
-def _resume(workdir: Path | None, cfg: Config, objects: dict[str, Any], run: RunState) -> bool:
-    """Load the checkpoint in `workdir` into `objects` and `run`; False when starting fresh."""
+def _resume(workdir: Path | None, identity: str, objects: dict[str, Any], run: RunState) -> None:
+    """Load the checkpoint in `workdir`, if there is one, into `objects` and `run`."""
     state = load_checkpoint(workdir / "checkpoint") if workdir is not None else None
     if state is None:
-        return False
-    if state["config_hash"] != _resume_hash(cfg):
-        raise RuntimeError(f"{workdir} holds a checkpoint of a different configuration; "
-                           "use a new work directory or the same overrides")
+        return
+    if state.get("identity") != identity:
+        raise RuntimeError(f"{workdir} holds a checkpoint of a different run (another configuration or benchmark); "
+                           "use a new work directory or the same settings")
     for name, obj in objects.items():
         obj.load_state_dict(state[name])
     run.epoch, run.history, run.best, run.per_class = (state["run"][k] for k in ("epoch", "history", "best",
                                                                                   "per_class"))
     set_rng_state(state["rng"])
     log.info("resumed from %s after epoch %d", workdir, run.epoch)
-    return True
 
 
-def _resume_hash(cfg: Config) -> str:
-    """Config hash ignoring what may legitimately change on resume (RESUMABLE_CHANGES: engine knobs, the schedule's
-    length); the same keys `comic.session` logs as mutable tags."""
-    kept = {k: v for k, v in to_flat_dict(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _save(workdir: Path | None, cfg: Config, objects: dict[str, Any], run: RunState) -> None:
+def _save(workdir: Path | None, cfg: Config, identity: str, objects: dict[str, Any], run: RunState) -> None:
     if workdir is None:
         return
     state = {name: obj.state_dict() for name, obj in objects.items()}
-    state |= {"config_hash": _resume_hash(cfg), "config": to_dict(cfg), "rng": rng_state(),
+    state |= {"identity": identity, "config": to_dict(cfg), "rng": rng_state(),
               "run": {"epoch": run.epoch, "history": run.history, "best": run.best, "per_class": run.per_class}}
     save_checkpoint(workdir / "checkpoint", state)
 
@@ -223,54 +225,68 @@ def _per_class(bench: Benchmark, val_ap: np.ndarray, test_ap: np.ndarray, correc
             "rlc_tp": tally["tp"].tolist(), "rlc_fp": tally["fp"].tolist()}
 
 
-def _final_metrics(run: RunState) -> dict[str, float]:
-    """The last epoch's metrics plus the best-on-val epoch's under `best/...`."""
-    last = dict(run.history[-1]) if run.history else {}
-    best = {f"best/{k}": v for k, v in run.best.items() if k.startswith(("val/", "test/", "epoch"))}
-    return last | best
+@dataclass
+class _Setup:
+    """Everything `fit` builds before its first epoch."""
+
+    rt: Runtime
+    bench: Benchmark
+    loaders: dict[str, torch.utils.data.DataLoader]
+    method: Method
+    objects: dict[str, Any]  # model, criterion, optimizer, scheduler: what a checkpoint saves
+    step: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    identity: str  # what a checkpoint must match to be resumed
 
 
-def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None = None) -> FitResult:
-    """Train `cfg.method` on `cfg.data`; checkpoint each epoch into `workdir` and resume from it when present.
-
-    `report(metrics)` is called once per epoch, after the checkpoint is written, with flat keys (`val/map`,
-    `train/loss_mfm_b`, `perf/img_per_s`, ...) and `epoch`.
-    """
+def _setup(cfg: Config) -> _Setup:
+    """Device, benchmark, loaders, method, optimizer; the run identity a checkpoint must match."""
     rt = setup_runtime(cfg.engine, cfg.seed)
-    workdir = Path(workdir) if workdir is not None else None
     bench = load_benchmark(ensure_benchmark(cfg.data))
-    stats = DataStats(list(bench.class_names), bench.train_counts, bench.train.observed)
     loaders = build_loaders(bench, cfg.data, cfg.train.batch_size, cfg.seed, pin_memory=rt.is_cuda)
-    method = build_method(cfg, stats)
+    method = build_method(cfg, DataStats(list(bench.class_names), bench.train_counts, bench.train.observed))
     model, criterion = method.model.to(rt.device), method.criterion.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, cfg)
     objects = {"model": model, "criterion": criterion, "optimizer": optimizer, "scheduler": scheduler}
-    run = RunState()
-    resumed = _resume(workdir, cfg, objects, run)
     step = make_train_step(model, criterion, optimizer, cfg, rt)
-    groups = shot_groups(bench.train_counts)
+    return _Setup(rt, bench, loaders, method, objects, step, identity_hash(cfg, resumable=True, dataset=bench.digest))
+
+
+def _epoch(cfg: Config, s: _Setup, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train one epoch and evaluate on val and test: the epoch's flat metrics and its per-class table."""
+    model, criterion, optimizer = s.objects["model"], s.objects["criterion"], s.objects["optimizer"]
+    train_loader = _train_loader(s.loaders, s.method.hooks.sampler(epoch), cfg.seed, epoch)
+    s.method.hooks.start_epoch(epoch)
+    metrics = {"epoch": float(epoch)} | _learning_rates(optimizer)
+    model.train()
+    train_metrics, corrections = train_one_epoch(s.step, train_loader, criterion, epoch, cfg, s.rt,
+                                                 s.bench.num_classes)
+    val, val_ap = evaluate(model, s.loaders["val"], s.rt, s.bench.train_counts, "val")
+    test, test_ap = evaluate(model, s.loaders["test"], s.rt, s.bench.train_counts, "test")
+    metrics |= train_metrics | val | test
+    if s.bench.has_full_labels and criterion.corrects_labels:
+        metrics |= corrections.summary(shot_groups(s.bench.train_counts))
+    s.objects["scheduler"].step()
+    return metrics, _per_class(s.bench, val_ap, test_ap, corrections)
+
+
+def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None = None) -> FitResult:
+    """Train `cfg.method` on `cfg.data`; checkpoint each epoch into `workdir` and resume from it when present.
+
+    `report(metrics, run)` is called once per epoch, after the checkpoint is written, with flat keys (`epoch`,
+    `val/map`, `train/loss_mfm_b`, `perf/img_per_s`, ..., and the best-on-val epoch's `best/...`) and the run so far.
+    """
+    workdir = Path(workdir) if workdir is not None else None
+    setup = _setup(cfg)
+    run = RunState()
+    _resume(workdir, setup.identity, setup.objects, run)
     for epoch in range(run.epoch + 1, cfg.train.epochs + 1):
-        train_loader = _train_loader(loaders, method.hooks.sampler(epoch), cfg.seed, epoch)
-        if hasattr(model, "start_epoch"):
-            model.start_epoch(epoch)
-        metrics = {"epoch": float(epoch)} | _learning_rates(optimizer)
-        model.train()
-        train_metrics, corrections = train_one_epoch(step, train_loader, criterion, epoch, cfg, rt,
-                                                     len(bench.class_names))
-        val, val_ap = evaluate(model, loaders["val"], rt, bench.train_counts, "val")
-        test, test_ap = evaluate(model, loaders["test"], rt, bench.train_counts, "test")
-        metrics |= train_metrics | val | test
-        if bench.has_full_labels and getattr(criterion, "corrects_labels", False):
-            metrics |= corrections.summary(groups)
-        scheduler.step()
-        run.record(metrics, _per_class(bench, val_ap, test_ap, corrections))
-        _save(workdir, cfg, objects, run)
+        metrics = run.record(*_epoch(cfg, setup, epoch))
+        _save(workdir, cfg, setup.identity, setup.objects, run)
         if report is not None:
-            report(metrics)
-        _maybe_inject_failure(cfg, epoch, resumed)
-    return FitResult(_final_metrics(run), run.history, run.per_class, workdir)
+            report(metrics, run)
+    return FitResult.of(run, workdir)
 
 
 def _train_loader(loaders: dict[str, torch.utils.data.DataLoader], sampler: str, seed: int,
@@ -284,9 +300,3 @@ def _train_loader(loaders: dict[str, torch.utils.data.DataLoader], sampler: str,
     loader = loaders["train" if sampler == "random" else "train_class_aware"]
     loader.generator.manual_seed(seed * 100_003 + epoch)
     return loader
-
-
-def _maybe_inject_failure(cfg: Config, epoch: int, resumed: bool) -> None:
-    """Test hook (`engine.fail_at_epoch`): crash once after that epoch; a resumed run does not crash again."""
-    if cfg.engine.fail_at_epoch == epoch and not resumed:
-        raise RuntimeError(f"injected failure after epoch {epoch} (engine.fail_at_epoch={epoch})")

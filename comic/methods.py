@@ -11,14 +11,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor
 
 from comic import losses
-from comic.config import Config, ConfigError
+from comic.config import Config, ConfigError, OptimConfig
+from comic.models import BaselineNet, ComicNet, GCNNet, LWSNet
+from comic.models.gcn import correlation_matrix, load_label_embeddings
 
 
 @dataclass(frozen=True)
@@ -41,26 +43,52 @@ class DataStats:
         return torch.as_tensor(self.train_counts, dtype=torch.float32)
 
 
+class Model(Protocol):
+    """What the trainer asks of a method's network."""
+
+    def __call__(self, images: Tensor) -> NamedTuple:
+        """images: [B, 3, H, W] -> a NamedTuple whose first field `logits` [B, C] is the prediction."""
+
+    def param_groups(self, optim: OptimConfig) -> list[dict]:
+        """Adam parameter groups, each with 'name', 'model', 'lr', 'weight_decay' and 'step_size' (epochs)."""
+
+
+class Criterion(Protocol):
+    """What the trainer asks of a method's loss."""
+
+    corrects_labels: bool  # whether parts['corrected'] can differ from the observed labels (then rlc/* is logged)
+
+    def __call__(self, out: NamedTuple, observed: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """out: the model's output; observed: [B, C] 0/1 -> (total loss [], parts: name -> detached tensor)."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before each 1-based epoch (epoch-dependent state such as RLC's D_t is reset here)."""
+
+
 def _always_random(epoch: int) -> str:
     return "random"
 
 
+def _nothing(epoch: int) -> None:
+    return None
+
+
 @dataclass
 class MethodHooks:
-    """What a method asks of the trainer beyond `model` and `criterion`.
+    """What a method asks of the trainer beyond `model` and `criterion`, before each 1-based epoch.
 
-    sampler(epoch) -> 'random' | 'class-aware': the training sampler of that (1-based) epoch.
-    The model's optional `start_epoch(epoch)` is called before each epoch too (LWS switches stage there).
+    sampler(epoch) -> 'random' | 'class-aware': that epoch's training sampler; start_epoch(epoch): a method's own
+    switch (LWS starts its second stage there).
     """
 
     sampler: Callable[[int], str] = _always_random
-    notes: dict[str, str] = field(default_factory=dict)
+    start_epoch: Callable[[int], None] = _nothing
 
 
 @dataclass
 class Method:
-    model: nn.Module
-    criterion: nn.Module
+    model: Model
+    criterion: Criterion
     hooks: MethodHooks = field(default_factory=MethodHooks)
 
 
@@ -106,8 +134,6 @@ def _plain(loss_cls: type, sampler: Callable[[int], str] = _always_random, **fix
     """A baseline = BaselineNet + one plain loss; `fixed` are data-derived constructor arguments."""
 
     def build(cfg: Config, stats: DataStats) -> Method:
-        from comic.models import BaselineNet
-
         extra = {k: v(stats) if callable(v) else v for k, v in fixed.items()}
         loss = loss_cls(**(extra | loss_kwargs(cfg, loss_cls)))
         criterion = losses.LossCriterion(loss, cfg.method.replace("-", "_"))
@@ -122,17 +148,15 @@ def _class_aware(epoch: int) -> str:
 
 @register("comic")
 def _comic(cfg: Config, stats: DataStats) -> Method:
-    from comic.models import ComicNet
-
     model = ComicNet(cfg.model, stats.num_classes)
     return Method(model, losses.ComicCriterion.from_config(cfg, stats.counts_tensor()))
 
 
 def _register_plain_baselines() -> None:
     """BCE / Focal / ASL / Hill / SPLC / Pseudo-Label: BaselineNet + the loss. DB and DB-Focal also get the observed
-    counts and class-aware sampling (their re-balanced weights are designed for re-sampled batches, baselines.md §4d);
-    P-ASL gets the observed class frequencies as its prior (baselines.md §10; the ignore-mode prior is degenerate
-    without annotated negatives)."""
+    counts and class-aware sampling (their re-balanced weights are designed for class-aware re-sampled batches, as in
+    the DB reference); P-ASL gets the observed class frequencies as its prior (the ignore-mode prior of the reference
+    is degenerate without annotated negatives)."""
     counts = {"class_counts": lambda s: s.counts_tensor(), "num_images": lambda s: s.num_images}
     register("bce")(_plain(losses.BCE))
     register("focal")(_plain(losses.Focal))
@@ -153,8 +177,6 @@ _register_plain_baselines()
 def _ml_gcn(cfg: Config, stats: DataStats) -> Method:
     """ML-GCN: the classifier comes from a GCN over label embeddings (`model.label_embeddings`) and the correlation
     matrix of the observed training labels (threshold 0.4, p = 0.25); loss BCE."""
-    from comic.gcn import GCNNet, correlation_matrix, load_label_embeddings
-
     embeddings = load_label_embeddings(cfg.model.label_embeddings, stats.num_classes, seed=cfg.seed)
     model = GCNNet(cfg.model, embeddings, correlation_matrix(stats.train_observed))
     return Method(model, losses.LossCriterion(losses.BCE(**loss_kwargs(cfg, losses.BCE)), "bce"))
@@ -164,8 +186,6 @@ def _ml_gcn(cfg: Config, stats: DataStats) -> Method:
 def _lws(cfg: Config, stats: DataStats) -> Method:
     """LWS (Kang et al. 2020): BCE training of BaselineNet, then for the last `loss.baseline.stage2_epochs` epochs
     (default a fifth, at least 1) a per-class logit scale learned on the frozen network with class-aware sampling."""
-    from comic.lws import LWSNet
-
     reserved = ("stage2_epochs", "scale_lr")
     stage2 = int(cfg.loss.baseline.get("stage2_epochs", max(1, cfg.train.epochs // 5)))
     if not 1 <= stage2 < cfg.train.epochs:
@@ -174,4 +194,15 @@ def _lws(cfg: Config, stats: DataStats) -> Method:
     first = cfg.train.epochs - stage2 + 1
     model = LWSNet(cfg.model, stats.num_classes, first, float(cfg.loss.baseline.get("scale_lr", 1e-2)))
     criterion = losses.LossCriterion(losses.BCE(**loss_kwargs(cfg, losses.BCE, reserved)), "bce")
-    return Method(model, criterion, MethodHooks(sampler=lambda epoch: "class-aware" if epoch >= first else "random"))
+    sampler = _StageSampler(first)
+    return Method(model, criterion, MethodHooks(sampler=sampler, start_epoch=model.start_epoch))
+
+
+@dataclass(frozen=True)
+class _StageSampler:
+    """LWS: random sampling before its second stage, class-aware from epoch `first` on."""
+
+    first: int
+
+    def __call__(self, epoch: int) -> str:
+        return "class-aware" if epoch >= self.first else "random"

@@ -1,4 +1,4 @@
-"""Evaluation metrics (reference `comic-method.md` §11): per-class AP, mAP per shot group, recall, RLC corrections.
+"""Evaluation metrics: per-class AP, mAP per shot group, recall, RLC corrections, and THE shot-group rule.
 
 - AP: non-interpolated, as in the ASL family and the released code: sort by score, average precision@rank over the
   positives' ranks (equals sklearn's `average_precision_score` when scores have no ties). mAP in percent.
@@ -38,6 +38,12 @@ def shot_groups(train_counts: np.ndarray) -> np.ndarray:
     """[C] observed training counts -> [C] group names: 'many' (>= 100), 'medium' (20-99), 'few' (< 20)."""
     counts = np.asarray(train_counts)
     return np.where(counts >= MANY_MIN, "many", np.where(counts >= FEW_BELOW, "medium", "few"))
+
+
+def shot_group_members(train_counts: np.ndarray) -> dict[str, list[int]]:
+    """[C] observed training counts -> class indices of each group, {'many': [...], 'medium': [...], 'few': [...]}."""
+    groups = shot_groups(train_counts)
+    return {name: np.flatnonzero(groups == name).tolist() for name in SHOT_GROUPS}
 
 
 def evaluate_scores(scores: np.ndarray, targets: np.ndarray, train_counts: np.ndarray) -> dict[str, float]:

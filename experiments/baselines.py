@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import sys
 
-from comic.ablation_cli import SHOT_COLUMNS, AblationSpec, PaperTable, execute
-from comic.ablation_figures import bars_figure
 from comic.methods import list_methods
+from comic.studies import cli
+from comic.studies.figures import bars_figure
+from comic.studies.spec import SHOT_COLUMNS, AblationSpec, PaperTable
 
 COLUMNS = {key: SHOT_COLUMNS[key] for key in ("many", "medium", "few", "total")}  # Table 1's column order
 LABELS = {"bce": "BCE", "focal": "Focal", "asl": "ASL", "db": "DB", "db-focal": "DB-Focal", "lws": "LWS",
           "pseudo-label": "Pseudo-Label", "ml-gcn": "ML-GCN", "hill": "Hill", "p-asl": "P-ASL", "splc": "SPLC",
           "comic": "COMIC"}
-# Table 1 of the paper (comic-method.md §14): many / medium / few / total, mean ± std.
+# Table 1 of the paper: many / medium / few / total, mean ± std.
 PAPER_COCO = {
     "BCE": ("42.57 ± 0.11", "56.67 ± 0.19", "46.40 ± 0.60", "48.92 ± 0.23"),
     "Focal": ("41.05 ± 0.07", "58.33 ± 0.12", "53.58 ± 0.31", "51.39 ± 0.15"),
@@ -82,9 +83,7 @@ def paper_table(preset: str) -> PaperTable:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code, text = execute(SPEC, __doc__, argv, paper=paper_table)
-    print(text, file=sys.stderr if code == 2 else sys.stdout)
-    return code
+    return cli.main(SPEC, __doc__, argv, paper=paper_table)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 Examples:
   python experiments/sweep.py          # the embedded demo: synthetic data, local Ray, ./mlruns/mlflow.db; CPU minutes
-  python experiments/sweep.py --smoke-test --confirm-top 1 --seeds 2            # seconds-scale end-to-end check
-  python experiments/sweep.py --tune-lr --num-samples 32 --confirm-top 3 --seeds 3
+  python experiments/sweep.py --smoke-test --confirm-top 1 --seeds 0 1          # seconds-scale end-to-end check
+  python experiments/sweep.py --tune-lr --num-samples 32 --confirm-top 3 --seeds 0 1 2
   python experiments/sweep.py --resume                 # continue the latest interrupted sweep in ./ray_results
   # on the head node of `ray up ray_cluster.yaml` (RAY_ADDRESS and MLFLOW_TRACKING_URI are set there):
   python experiments/sweep.py --preset plt-coco --data ~/data/coco --storage-path s3://BUCKET/comic/ray_results \\
-      --gpus-per-trial 0.5 --cpus-per-trial 4 --num-samples 64 --confirm-top 3 --seeds 3
+      --gpus-per-trial 0.5 --cpus-per-trial 4 --num-samples 64 --confirm-top 3 --seeds 0 1 2
 
 The search space (default: htb.alpha [0.5, 4], rlc.tau [0.5, 0.95], mfm.gamma_neg [1, 5], mfm.gamma_pos [0, 2])
 can be replaced with --space FILE.yaml, one dotted config key per line:
@@ -17,8 +17,8 @@ can be replaced with --space FILE.yaml, one dotted config key per line:
   rlc.distribution: {choice: [dynamic, static]}
 The base config's values (the paper's defaults) are the first trial. ASHA stops trials by val/map at epochs
 grace, grace * rf, ...; the best configuration is the trial with the highest val/map at its best epoch (test
-metrics are logged, never used to choose). Positional arguments are dotted overrides of the base config, as in
-experiments/train.py.
+metrics are logged, never used to choose). Positional arguments (before or after the flags) are dotted overrides
+of the base config, as in experiments/train.py.
 
 The synthetic preset runs a shortened schedule here (DEMO_SCHEDULE: 10 epochs with proportionally earlier LR
 decays instead of 30) so the default sweep fits in minutes on a laptop; override any of it (train.epochs=30 ...)
@@ -39,7 +39,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from comic.config import PRESETS, SMOKE_OVERRIDES, ConfigError, load_config
+from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
+from comic.config import ConfigError
+from comic.tuning.cluster import Resources, TuneError, TuneInterrupted, is_remote_path, ray_session
+from comic.tuning.results import format_confirm, format_trials
+from comic.tuning.space import DEFAULT_SPACE, load_space, parse_space, with_learning_rate
+from comic.tuning.sweep import SweepResult, SweepSpec, load_sweep, run_sweep
 
 # The synthetic preset's 30-epoch schedule scaled to 10 epochs (LR steps 24/18/18/24 -> 8/6/6/8).
 DEMO_SCHEDULE = {"train.epochs": 10, "optim.step_head": 8, "optim.step_tail": 6, "optim.step_balanced_feature": 6,
@@ -48,14 +53,12 @@ SMOKE_SWEEP = {"num_samples": 4, "grace_period": 1, "max_concurrent": 2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="dotted base-config overrides, e.g. train.epochs=20 seed=1")
-    base = parser.add_argument_group("base configuration")
-    base.add_argument("--preset", default="synthetic", choices=sorted(PRESETS), help="base configuration")
-    base.add_argument("--data", help="source data root on every node (VOCdevkit / COCO root) or a built benchmark")
-    base.add_argument("--config", help="YAML file of config keys applied after the preset")
-    base.add_argument("--full-schedule", action="store_true", help="synthetic preset: keep its 30-epoch schedule")
-    base.add_argument("--smoke-test", action="store_true", help="tiny data, 2 epochs, 4 trials: seconds to a minute")
+    parents = [config_flags("tiny data, 2 epochs, 4 trials: seconds to a minute"),
+               seeds_flag([0, 1, 2], "seeds of each confirmed configuration"), ray_flags(),
+               tracking_flags("comic-sweep")]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=parents)
+    parser.add_argument("--full-schedule", action="store_true", help="synthetic preset: keep its 30-epoch schedule")
     search = parser.add_argument_group("search")
     search.add_argument("--space", help="search space YAML (see above); default: alpha / tau / gamma_neg / gamma_pos")
     search.add_argument("--tune-lr", action="store_true",
@@ -65,40 +68,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped (default 2)")
     search.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/rf at each rung")
     search.add_argument("--confirm-top", type=int, default=0, metavar="K",
-                        help="afterwards rerun the best K configs over --seeds seeds without early stopping")
-    search.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per confirmed config (default 3)")
-    run = parser.add_argument_group("where it runs")
-    run.add_argument("--address", help="Ray cluster to join ('auto' on a `ray up` head; default: $RAY_ADDRESS, "
-                                       "else a new local Ray instance)")
-    run.add_argument("--num-cpus", type=int, help="CPUs of a new local Ray instance (default: all cores)")
-    run.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    run.add_argument("--gpus-per-trial", type=float, default=0.0,
-                     help="GPUs per trial; a fraction (0.5) packs trials on one GPU, but Ray does not isolate GPU "
-                          "memory: the packed trials must fit in memory together (default 0)")
-    run.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as many as "
-                                                        "resources allow; smoke test 2)")
-    run.add_argument("--max-failures", type=int, default=1, help="restarts of a crashed trial from its checkpoint")
+                        help="afterwards rerun the best K configs with each of --seeds, without early stopping")
+    run = parser.add_argument_group("the sweep's state")
     run.add_argument("--storage-path", help="Tune experiment storage: a local folder (default ./ray_results), "
                                             "s3://BUCKET/PATH, or an NFS path with --shared-storage")
-    run.add_argument("--shared-storage", action="store_true",
-                     help="assert that local --storage-path / SQLite paths are on a file system every node mounts")
     run.add_argument("--name", help="sweep name = Tune experiment and MLflow parent run (default sweep-<time>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the sweep --name (default: the latest in --storage-path) with its saved settings")
-    track = parser.add_argument_group("tracking and output")
-    track.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                              "sqlite:///<cwd>/mlruns/mlflow.db)")
-    track.add_argument("--experiment", default="comic-sweep", help="MLflow experiment name")
-    track.add_argument("--metrics-out", help="write the trials, the best trial and the confirmation as JSON")
-    return parser.parse_args(argv)
+    run.add_argument("--metrics-out", help="write the trials, the best trial and the confirmation as JSON")
+    return parse(parser, argv)
 
 
-def build_spec(args: argparse.Namespace):
+def build_spec(args: argparse.Namespace) -> SweepSpec:
     """The sweep spec from the flags (a new sweep), or the saved one (--resume) with new confirmation settings."""
-    from comic.sweep import SweepSpec, load_sweep
-    from comic.tune import DEFAULT_SPACE, Resources, load_space, parse_space, with_learning_rate
-
-    confirm = {"confirm_top": args.confirm_top, "confirm_seeds": args.seeds}
+    confirm = {"confirm_top": args.confirm_top, "confirm_seeds": tuple(args.seeds)}
     if args.resume:
         if args.overrides or args.space or args.tune_lr:
             raise ConfigError("--resume continues a sweep with its saved config and space; drop the overrides, "
@@ -106,29 +89,23 @@ def build_spec(args: argparse.Namespace):
         spec, _ = load_sweep(args.storage_path, args.name)
         return replace(spec, **confirm)
     smoke = SMOKE_SWEEP if args.smoke_test else {}
-    overrides = [f"{k}={v}" for k, v in SMOKE_OVERRIDES.items()] if args.smoke_test else []
-    if args.preset == "synthetic" and not (args.smoke_test or args.full_schedule):
-        overrides += [f"{k}={v}" for k, v in DEMO_SCHEDULE.items()]
-    overrides += args.overrides
-    if args.data:
-        overrides.append(f"data.root={Path(args.data).expanduser().resolve()}")
-    base = load_config(args.preset, overrides, path=args.config)
+    demo = DEMO_SCHEDULE if args.preset == "synthetic" and not (args.smoke_test or args.full_schedule) else {}
+    base = base_config(args, demo)
     space = load_space(args.space, base) if args.space else parse_space(DEFAULT_SPACE, base)
     if args.tune_lr:
         space = with_learning_rate(space, base)
-    resources = Resources(args.cpus_per_trial, args.gpus_per_trial,
-                          args.max_concurrent if args.max_concurrent is not None else smoke.get("max_concurrent", 0))
-    return SweepSpec(base=base, space=space, num_samples=args.num_samples or smoke.get("num_samples", 12),
-                     seed=args.seed, grace_period=args.grace_period or smoke.get("grace_period", 2),
-                     reduction_factor=args.reduction_factor, resources=resources, max_failures=args.max_failures,
-                     storage_path=args.storage_path or "", name=args.name or "", tracking_uri=args.tracking_uri,
-                     experiment=args.experiment, shared_storage=args.shared_storage, **confirm)
+    concurrent = args.max_concurrent or smoke.get("max_concurrent", 0)
+    samples = args.num_samples if args.num_samples is not None else smoke.get("num_samples", 12)
+    grace = args.grace_period if args.grace_period is not None else smoke.get("grace_period", 2)
+    return SweepSpec(base=base, space=space, num_samples=samples, seed=args.seed, grace_period=grace,
+                     reduction_factor=args.reduction_factor,
+                     resources=Resources(args.cpus_per_trial, args.gpus_per_trial, concurrent),
+                     max_failures=args.max_failures, storage_path=args.storage_path or "", name=args.name or "",
+                     tracking_uri=args.tracking_uri, experiment=args.experiment, shared_storage=args.shared_storage,
+                     **confirm)
 
 
-def report(result, spec) -> None:
-    from comic.sweep import format_confirm, format_trials
-    from comic.tune import is_remote_path
-
+def report(result: SweepResult, spec: SweepSpec) -> None:
     print(f"\nSweep {result.name}: {len(result.trials)} trials (Tune experiment {result.experiment_path})")
     print(format_trials(result.trials, spec.space))
     if result.best is None:
@@ -145,8 +122,8 @@ def report(result, spec) -> None:
         else:
             print(f"  train it alone: python experiments/train.py --config {path}")
     if result.confirm:
-        print(f"\nconfirmation: top {spec.confirm_top} over {spec.confirm_seeds} seeds, no early stopping "
-              "(mean ± std)\n" + format_confirm(result.confirm, spec.space))
+        print(f"\nconfirmation: top {spec.confirm_top} with seeds {' '.join(map(str, spec.confirm_seeds))}, no "
+              "early stopping (mean ± std)\n" + format_confirm(result.confirm, spec.space))
     print(f"\nMLflow parent run {result.parent_run_id} in experiment {result.experiment!r}")
     if result.tracking_uri.startswith(("http://", "https://")):
         print(f"  open {result.tracking_uri} in a browser (from a laptop: the SSH tunnel in README 'On a cluster')")
@@ -154,27 +131,27 @@ def report(result, spec) -> None:
         print(f"  open the UI with: mlflow ui --backend-store-uri {result.tracking_uri}")
 
 
-def write_metrics(path: str, result) -> None:
+def write_metrics(path: str, result: SweepResult) -> None:
     payload = {"name": result.name, "parent_run_id": result.parent_run_id, "best": result.best,
                "best_config_path": result.best_config_path, "trials": result.trials, "confirm": result.confirm}
     Path(path).write_text(json.dumps(payload, indent=2, default=str))
 
 
 def resume_hint(path: str, args: argparse.Namespace) -> str:
-    storage, name = Path(path).parent, re.sub(r"-confirm-top\d+x\d+$", "", Path(path).name)
-    confirm = f" --confirm-top {args.confirm_top} --seeds {args.seeds}" if args.confirm_top else ""
+    storage, name = Path(path).parent, re.sub(r"-confirm-top\d+-seeds[\d-]+$", "", Path(path).name)
+    confirm = f" --confirm-top {args.confirm_top} --seeds {' '.join(map(str, args.seeds))}" if args.confirm_top else ""
     return (f"\ninterrupted; the sweep is saved. Continue it with:\n  python experiments/sweep.py --resume "
             f"--storage-path {storage} --name {name}{confirm}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_keys:
+        print(list_keys(args))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("comic").setLevel(logging.INFO)
-    from comic.sweep import run_sweep
-    from comic.tune import TuneError, TuneInterrupted, ray_session
-
     try:
         spec = build_spec(args)
         spec.check()

@@ -53,3 +53,49 @@ def ray_local(_ray_session_end):
         ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
                  logging_level="WARNING")
     return ray
+
+
+class CrashAfter:
+    """A `fit` report that raises once, right after epoch `epoch` was checkpointed (and, in a tracked run, logged):
+    a crash at the worst moment, injected from outside the library."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.fired = epoch, False
+
+    def __call__(self, metrics: dict, run) -> None:
+        if metrics["epoch"] == self.epoch and not self.fired:
+            self.fired = True
+            raise RuntimeError(f"crash after epoch {self.epoch}")
+
+
+@pytest.fixture
+def crash_after():
+    """Factory of `CrashAfter` reports."""
+    return CrashAfter
+
+
+def load_script(path: Path):
+    """A script (experiments/*.py, ablations/*.py) as a module, to call its `main(argv)` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def script():
+    """Loads `REPO/<relative path>` as a module: `script("experiments/train.py").main([...])`."""
+    return lambda relative: load_script(REPO / relative)
+
+
+@pytest.fixture
+def restore_torch_globals():
+    """engine.threads / engine.deterministic change process-wide torch settings; put them back."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 
 from comic.config import (
+    EXECUTION_KEYS,
     PRESETS,
+    RESUME_KEYS,
     Config,
     ConfigError,
     apply_overrides,
-    config_hash,
     field_specs,
     from_dict,
+    identity,
+    identity_hash,
     load_config,
     to_dict,
     to_flat_dict,
@@ -82,9 +85,19 @@ def test_yaml_file_layer(tmp_path):
         load_config("synthetic", path=str(tmp_path / "bad.yaml"))
 
 
-def test_hash_is_stable_and_sensitive():
-    assert config_hash(load_config()) == config_hash(load_config())
-    assert config_hash(load_config()) != config_hash(load_config("synthetic", ["seed=1"]))
+def test_identity_is_what_a_run_computes():
+    cfg = load_config()
+    assert set(EXECUTION_KEYS + RESUME_KEYS) <= set(field_specs())  # every listed key exists: no typo hides one
+    assert identity_hash(cfg) == identity_hash(load_config())
+    how = ["data.num_workers=4", "data.cache_dir=/elsewhere", "data.root=/data", "train.log_interval=3",
+           "engine.threads=1", "engine.progress=false", "engine.device=cpu"]
+    assert identity_hash(load_config("synthetic", how)) == identity_hash(cfg)
+    for what in (["seed=1"], ["rlc.tau=0.8"], ["data.missing_rate=0.3"], ["train.epochs=5"], ["engine.amp=bf16"]):
+        assert identity_hash(load_config("synthetic", what)) != identity_hash(cfg), what
+    longer = load_config("synthetic", ["train.epochs=50", "engine.amp=bf16"])
+    assert identity_hash(longer, resumable=True) == identity_hash(cfg, resumable=True)  # a resume may extend it
+    assert "train.epochs" in identity(cfg) and "train.epochs" not in identity(cfg, resumable=True)
+    assert identity_hash(cfg, dataset="a") != identity_hash(cfg, dataset="b")
 
 
 def test_every_leaf_has_help_text():

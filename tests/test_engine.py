@@ -30,21 +30,23 @@ def test_every_method_trains_with_finite_metrics(method, smoke_overrides):
 
 def test_comic_reports_head_tail_and_correction_metrics(smoke_overrides):
     seen = []
-    result = fit(_cfg(smoke_overrides), report=seen.append)
+    result = fit(_cfg(smoke_overrides), report=lambda metrics, run: seen.append(metrics))
     assert [m["epoch"] for m in seen] == [1.0, 2.0]
+    assert seen[-1] == result.metrics and all("best/val/map" in m for m in seen)  # best so far, every epoch
+    assert seen[0]["best/val/map"] <= seen[1]["best/val/map"]
     for key in ("val/head/map", "val/tail/map", "train/loss_mfm_b", "train/loss_rlc_b", "train/loss_htb",
                 "rlc/precision", "rlc/recall", "train/lr_balanced_feature"):
         assert key in result.metrics, key
 
 
-def test_resume_after_injected_failure_matches_uninterrupted_run(smoke_overrides, tmp_path):
+def test_resume_after_a_crash_matches_uninterrupted_run(smoke_overrides, tmp_path, crash_after):
     base = {"train.epochs": 3, "engine.deterministic": True, "engine.threads": 1}
     clean = fit(_cfg(smoke_overrides, **base), workdir=tmp_path / "clean")
-    crashing = _cfg(smoke_overrides, **base, **{"engine.fail_at_epoch": 2})
-    with pytest.raises(RuntimeError, match="injected failure after epoch 2"):
-        fit(crashing, workdir=tmp_path / "resumed")
+    cfg = _cfg(smoke_overrides, **base)
+    with pytest.raises(RuntimeError, match="crash after epoch 2"):
+        fit(cfg, report=crash_after(2), workdir=tmp_path / "resumed")
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint")["run"]["epoch"] == 2
-    resumed = fit(crashing, workdir=tmp_path / "resumed")  # same command again: resumes, does not crash again
+    resumed = fit(cfg, workdir=tmp_path / "resumed")  # same command again: resumes from epoch 2
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
     volatile = ("perf/",)
     for key, value in clean.metrics.items():
@@ -54,7 +56,7 @@ def test_resume_after_injected_failure_matches_uninterrupted_run(smoke_overrides
 
 def test_resume_refuses_a_different_configuration(smoke_overrides, tmp_path):
     fit(_cfg(smoke_overrides, **{"train.epochs": 1}), workdir=tmp_path)
-    with pytest.raises(RuntimeError, match="different configuration"):
+    with pytest.raises(RuntimeError, match="different run"):
         fit(_cfg(smoke_overrides, **{"rlc.tau": 0.9}), workdir=tmp_path)
 
 
@@ -91,8 +93,8 @@ def test_training_raises_on_a_diverging_loss(smoke_overrides, monkeypatch):
 
     original = LossCriterion.forward
 
-    def poisoned(self, out, observed, state=None):
-        total, parts = original(self, out, observed, state)
+    def poisoned(self, out, observed):
+        total, parts = original(self, out, observed)
         return total * float("nan"), parts
 
     monkeypatch.setattr(LossCriterion, "forward", poisoned)

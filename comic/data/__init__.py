@@ -1,2 +1,2 @@
-"""Data: source labels (`labels`), long-tail subsampler (`longtail`), missing-label protocol (`partial`),
-benchmark builders, the synthetic source and the image cache. Submodules are imported where used."""
+"""Data: source labels, the long-tail subsampler, the missing-label protocol, the synthetic source, the benchmark
+builder (sources -> build -> card; reader), and the image cache, datasets and loaders. `python -m comic.data build`."""

@@ -1,7 +1,7 @@
 """Command line of the benchmark builders: `python -m comic.data build {plt-voc,plt-coco,coco-format,synthetic}`.
 
 Parses options, turns them into `data.*` config values (validated like any override) and calls
-`comic.data.benchmark.build_benchmark`; prints the dataset card summary and the output directory.
+`comic.data.build.build_benchmark`; prints the dataset card summary and the output directory.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 from comic.config import PRESETS, Config, ConfigError, DataConfig, apply_overrides, load_config
+from comic.data import sources
+from comic.data.build import build_benchmark
+from comic.data.labels import LabelError
+from comic.data.reader import CARD_MD, BenchmarkError
 
 EPILOG = """\
 sources:
@@ -34,7 +38,7 @@ defaults come from the config preset of the same name (coco-format: the config d
 PLT-COCO and the paper's 2,962 images: the published script seeds Python's RNG once and builds VOC before COCO,
 so its COCO subset is drawn from an RNG already advanced by the VOC build. --rng-after-voc PATH (a VOC2012 folder
 or a VOC2012 trainval label CSV) reproduces that order and is the variant meant to give 2,962 images; without it
-the COCO sampler is seeded afresh with --split-seed (DESIGN §4). Neither is verified here (no COCO labels).
+the COCO sampler is seeded afresh with --split-seed. Neither is verified here (no COCO labels).
 
 The output directory <out>/<kind>-<hash> is named by a hash of all parameters and of the source annotation files;
 rerunning with the same inputs does no work. Examples:
@@ -113,43 +117,36 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
 def source_for(args: argparse.Namespace, data: DataConfig):
     """The Source from explicit path options, else from data.root (config conventions)."""
-    from comic.data import benchmark as bm
-
     if args.kind == "synthetic" and args.root:
-        raise bm.BenchmarkError("--root: the synthetic source is generated; use coco-format to build from a folder")
+        raise BenchmarkError("--root: the synthetic source is generated; use coco-format to build from a folder")
     if args.kind == "plt-voc" and (args.voc2012 or args.voc2007):
         if not (args.voc2012 and args.voc2007):
-            raise bm.BenchmarkError("--voc2012 and --voc2007 must be given together (or --root VOCdevkit)")
-        return bm.plt_voc_source(args.voc2012, args.voc2007)
+            raise BenchmarkError("--voc2012 and --voc2007 must be given together (or --root VOCdevkit)")
+        return sources.plt_voc_source(args.voc2012, args.voc2007)
     explicit = [args.train_json, args.train_images, args.test_json, args.test_images]
     if args.kind == "coco-format" and any(explicit):
         if not all(explicit):
-            raise bm.BenchmarkError("--train-json, --train-images, --test-json and --test-images go together "
+            raise BenchmarkError("--train-json, --train-images, --test-json and --test-images go together "
                                     "(or --root)")
-        return bm.coco_format_source(*explicit)
-    return bm.source_from_config(data)
+        return sources.coco_format_source(*explicit)
+    return sources.source_from_config(data)
 
 
 def build(args: argparse.Namespace) -> Path:
-    from comic.data import benchmark as bm
-
     data = data_config(args)
     if args.rng_after_voc and data.longtail != "pareto":
-        raise bm.BenchmarkError("--rng-after-voc only applies with --longtail pareto")
+        raise BenchmarkError("--rng-after-voc only applies with --longtail pareto")
     extra = {}
     if args.rng_after_voc:
         extra = {"rng_after_voc": str(Path(args.rng_after_voc).expanduser().resolve()),
                  "voc_max_count": args.voc_max_count, "voc_pareto_b": args.voc_pareto_b}
-    params = bm.BuildParams.from_config(data, **extra)
-    return bm.build_benchmark(source_for(args, data), params, data.cache_dir)
+    params = sources.BuildParams.from_config(data, **extra)
+    return build_benchmark(source_for(args, data), params, data.cache_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[%(name)s] %(message)s")
-    from comic.data.benchmark import CARD_MD, BenchmarkError
-    from comic.data.labels import LabelError
-
     try:
         out = build(args)
     except (BenchmarkError, LabelError, ConfigError) as err:

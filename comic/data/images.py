@@ -14,26 +14,25 @@ item's augmentation runs under its own seed, so batches are identical for any nu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from comic.data.benchmark import Benchmark, BenchmarkError, Split
-
-if TYPE_CHECKING:
-    from comic.config import DataConfig
+from comic._io import file_lock
+from comic.config import DataConfig
+from comic.data.reader import Benchmark, BenchmarkError, Split
+from comic.data.sampler import ClassAwareSampler
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +118,6 @@ class PixelCache:
         return len(self.rows)
 
     def _open(self) -> None:
-        import pyarrow as pa
-
         reader = pa.ipc.open_file(pa.memory_map(str(self.path), "r"))
         self._chunks, starts = [], [0]
         for b in range(reader.num_record_batches):
@@ -159,15 +156,13 @@ def ensure_cache(bench: Benchmark, split_name: str, size: int, folder: Path, ski
     if path.is_file():
         return PixelCache(path)
     folder.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder / f"{path.name}.lock"):
+    with file_lock(folder / f"{path.name}.lock"):
         if not path.is_file():  # another process may have built it while we waited
             _write_cache(path, bench, split_name, size, skip_bad)
     return PixelCache(path)
 
 
 def _write_cache(path: Path, bench: Benchmark, split_name: str, size: int, skip_bad: bool) -> None:
-    import pyarrow as pa
-
     split = bench.split(split_name)
     load = load_train_pixels if split_name == "train" else load_eval_pixels
     schema = pa.schema([("pixels", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
@@ -211,8 +206,6 @@ def _decode_many(paths: list[Path], load, size: int, skip_bad: bool) -> list[tup
 
 
 def _record_batch(schema, images: list[np.ndarray]):
-    import pyarrow as pa
-
     return pa.record_batch([pa.array([im.tobytes() for im in images], pa.binary()),
                             pa.array([im.shape[0] for im in images], pa.int32()),
                             pa.array([im.shape[1] for im in images], pa.int32())], schema=schema)
@@ -230,22 +223,6 @@ def _write_meta(path: Path, rows: list[int], skipped: list[dict], bench: Benchma
 
 def _read_meta(path: Path) -> dict:
     return json.loads(_meta_path(path).read_text())
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock, so concurrent trials build a cache once (no-op where fcntl is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------- dataset, loader ----
@@ -367,8 +344,6 @@ def class_aware_loader(train: DataLoader, seed: int) -> DataLoader:
     Draws `len(dataset)` images per epoch: a class uniformly, then one of its (observed) images uniformly. Its
     generator is reseeded by the trainer each epoch like the random loader's, so epochs are reproducible.
     """
-    from comic.data.sampler import ClassAwareSampler
-
     dataset = train.dataset
     labels = dataset.observed[torch.as_tensor(dataset.rows)]
     generator = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
 """Full label matrices from source annotations: COCO instances JSON, PASCAL VOC XML / ImageSets, label CSVs.
 
-Owns the labelling rules of DESIGN §4 and the input checks in front of them:
+Owns the benchmarks' labelling rules and the input checks in front of them:
 - COCO: a class is positive iff the image has an annotation of it with area > 0 and bbox w >= 1 and h >= 1;
   rows in `COCO.getImgIds()` order, classes in category-id order (ids may be non-contiguous).
 - VOC train: positive iff the image's XML has any <object> of the class (difficult included).
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pycocotools.coco import COCO
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class LabelSet:
 
 
 def coco_labels(ann_file: str | Path) -> LabelSet:
-    """Labels of a COCO-format instances JSON (DESIGN §4 rule); raises LabelError on bad input."""
+    """Labels of a COCO-format instances JSON (the rule above); raises LabelError on bad input."""
     path = Path(ann_file)
     data = _read_json(path)
     _check_coco_structure(data, path)
@@ -187,9 +188,6 @@ def _check_annotation(ann: object, i: int, img_ids: set, cat_ids: set, path: Pat
 
 def _coco_index(data: dict, path: Path):
     """A pycocotools COCO index over already-parsed data (parsing twice would double the cost on train2017)."""
-    # Imported here so that `import comic.data.labels` stays light for callers that only read CSVs or VOC.
-    from pycocotools.coco import COCO
-
     coco = COCO()
     coco.dataset = data
     # pycocotools reports progress with print(); keep stdout clean and route it to the log instead.

@@ -1,9 +1,9 @@
 """Pareto long-tail subsampler: an exact re-implementation of Wu et al.'s (ECCV 2020) published algorithm.
 
-Owns the reference counts (`pareto_reference_counts`) and the greedy add/remove pass (`pareto_subsample`) of
-DESIGN §4. "Exact" means: with the same label matrix, parameters and seed, the same rows are selected as by the
-published script. That depends on details that look incidental but are not: one `random.Random`, Python `set`s
-of row indices built in row order, `rng.sample(tuple(a_set), k)` and the precise add/remove sequence. Do not
+Owns the reference counts (`pareto_reference_counts`) and the greedy add/remove pass (`pareto_subsample`).
+"Exact" means: with the same label matrix, parameters and seed, the same rows are selected as by the published
+script. That depends on details that look incidental but are not: one `random.Random`, Python `set`s of row
+indices built in row order, `rng.sample(tuple(a_set), k)` and the precise add/remove sequence. Do not
 "simplify" them (e.g. to numpy sampling or sorted lists) without re-running the reproduction tests.
 """
 

@@ -1,9 +1,9 @@
-"""Missing-label protocol (DESIGN §4): turn full 0/1 labels into partially observed ones.
+"""Missing-label protocol: turn full 0/1 labels into partially observed ones.
 
 Owns `drop_positives`: each positive is dropped independently with probability `rate`; an image that lost all
 its positives gets one of its original positives back, chosen uniformly; negatives are never touched. This is
-the protocol that reproduces the paper's PLT-VOC statistics (reference/comic-method.md §9); plain independent
-dropping does not.
+the protocol that reproduces the paper's PLT-VOC statistics (largest class about 1,117, smallest about 7 after
+dropping 40 %); plain independent dropping does not.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Multi-label class-aware sampling, as used by DB (Wu et al., ECCV 2020) and LWS stage 2 (Kang et al., ICLR 2020).
 
 Each draw picks a class uniformly among the classes with at least one observed positive, then an image labelled
-with that class uniformly (`reference/baselines.md` §4d, §5). Draws are independent. The DB reference instead
+with that class uniformly. Draws are independent. The DB reference instead
 cycles through a shuffled class order and takes 3 consecutive images per class; both give every class the same
 expected share of draws, which is what the methods rely on. Classes with no observed positive are never picked and
 images with no observed positive are never drawn (they are reachable through no class).

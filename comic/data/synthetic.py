@@ -15,11 +15,9 @@ Everything is a function of the seed and the sizes: the same arguments give byte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from comic._io import make_temp_dir, publish_dir, remove_stale_temps, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,8 @@ def generate(root: str | Path, num_images: int = 1200, num_test_images: int = 40
 
 def source_key(num_images: int, num_test_images: int, num_classes: int, seed: int, image_size: int) -> str:
     """Directory name of a generated source: a hash of everything that determines its content."""
-    blob = json.dumps([FORMAT_VERSION, num_images, num_test_images, num_classes, seed, image_size]).encode()
-    return f"synthetic-source-{hashlib.sha256(blob).hexdigest()[:12]}"
+    parts = [FORMAT_VERSION, num_images, num_test_images, num_classes, seed, image_size]
+    return f"synthetic-source-{stable_hash(parts, 12)}"
 
 
 def ensure_source(cache_dir: str | Path, num_images: int = 1200, num_test_images: int = 400, num_classes: int = 20,
@@ -292,22 +292,14 @@ def ensure_source(cache_dir: str | Path, num_images: int = 1200, num_test_images
     if (final / TEST_JSON).is_file():
         log.info("synthetic source %s already exists", final)
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Imported here: benchmark.py imports this module.
-    from comic.data.benchmark import make_temp_dir, remove_stale_temps
-
     remove_stale_temps(cache_dir, final.name)
     tmp = make_temp_dir(cache_dir, final.name)
     try:
         log.info("generating synthetic source (%d + %d images, %d classes, seed %d) in %s", num_images,
                  num_test_images, num_classes, seed, final)
         generate(tmp, num_images, num_test_images, num_classes, seed, image_size)
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / TEST_JSON).is_file():
-            raise
-        log.info("another process generated %s first; using it", final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, final, TEST_JSON)
     return final

@@ -1,9 +1,8 @@
 """Plain baseline losses of Table 1: BCE, Focal (Lin et al., ICCV 2017), ASL (Ridnik et al., ICCV 2021) and Hill
 (Zhang et al., 2021, "Simple and Robust Loss Design for Multi-Label Learning with Missing Labels").
 
-Formulas, defaults and pitfalls: `reference/baselines.md` §1 (BCE), §2 (Focal), §3 (ASL), §6 (Hill). Also owns the
-pieces the other baseline families share: the fp32 / shape / reduction base class `ElementwiseLoss` and the focal
-and shifted-negative terms.
+Formulas and defaults follow each method's reference code. Also owns the pieces the other baseline families share:
+the fp32 / shape / reduction base class `ElementwiseLoss` and the focal and shifted-negative terms.
 
 Every loss is called as `loss(logits [B, C], targets [B, C])` -> [] with targets 0/1 (an unobserved positive is a 0,
 i.e. "assume negative"). Reductions: 'sum' over all B*C entries (the ASL / Hill / CSL / COMIC convention) or 'mean'
@@ -21,7 +20,7 @@ __all__ = ["ASL", "BCE", "REDUCTIONS", "ElementwiseLoss", "Focal", "Hill", "as_f
            "focal_positive", "shifted_negative"]
 
 REDUCTIONS = ("sum", "mean")
-_LOG_EPS = 1e-8  # ASL/CSL clamp before log of a shifted probability (baselines.md §3); only reached when clip < 1e-8
+_LOG_EPS = 1e-8  # ASL/CSL clamp before log of a shifted probability (reference code); only reached when clip < 1e-8
 
 
 def focal_positive(logits: Tensor, gamma: float, detach: bool = False) -> Tensor:
@@ -53,7 +52,13 @@ def shifted_negative(logits: Tensor, clip: float) -> tuple[Tensor, Tensor]:
 
 
 class ElementwiseLoss(nn.Module):
-    """Base class: a subclass defines `entries(logits, targets) -> [B, C]`; `forward` validates, upcasts, reduces."""
+    """Base class: a subclass defines `entries(logits, targets) -> [B, C]`; `forward` validates, upcasts, reduces.
+
+    Losses that correct labels set `corrects_labels` and override `trained_targets`; epoch-dependent losses override
+    `start_epoch` (0-based epochs).
+    """
+
+    corrects_labels = False
 
     def __init__(self, reduction: str) -> None:
         super().__init__()
@@ -74,6 +79,13 @@ class ElementwiseLoss(nn.Module):
         """[B, C] -> []: sum over all entries, or that sum / (B*C) for 'mean'."""
         return entries.sum() if self.reduction == "sum" else entries.mean()
 
+    def start_epoch(self, epoch: int) -> None:
+        """Before each 0-based epoch; the losses without epoch-dependent state ignore it."""
+
+    def trained_targets(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The hard 0/1 targets [B, C] this loss trains on for these logits (the observed ones unless it corrects)."""
+        return targets
+
 
 def as_fp32(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Check [B, C] shapes; return fp32 logits and targets (new tensors unless already fp32, never written to)."""
@@ -84,7 +96,7 @@ def as_fp32(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class BCE(ElementwiseLoss):
-    """Binary cross-entropy from logits, "assume negative" for unobserved entries (§1, the paper's ERM baseline).
+    """Binary cross-entropy from logits, "assume negative" for unobserved entries (the paper's ERM baseline).
 
     Entry: -[y log p + (1 - y) log(1 - p)]. Default reduction 'sum', as the ASL / Hill / CSL / COMIC family.
     """
@@ -97,7 +109,7 @@ class BCE(ElementwiseLoss):
 
 
 class Focal(ElementwiseLoss):
-    """Focal loss (§2): entry -alpha_t (1 - p_t)^gamma log p_t.
+    """Focal loss: entry -alpha_t (1 - p_t)^gamma log p_t.
 
     alpha=None (default) is the multi-label form of the Hill repo: symmetric focusing, no class-sign weight. A float
     alpha is Lin et al.'s alpha_t (alpha for positives, 1 - alpha for negatives). The DB / COMIC repos' scalar
@@ -121,7 +133,7 @@ class Focal(ElementwiseLoss):
 
 
 class ASL(ElementwiseLoss):
-    """Asymmetric loss (§3): positives -(1 - p)^gamma_pos log p; negatives -p_m^gamma_neg log(1 - p_m),
+    """Asymmetric loss: positives -(1 - p)^gamma_pos log p; negatives -p_m^gamma_neg log(1 - p_m),
     p_m = max(p - clip, 0).
 
     Defaults are the reference `train.py` values (gamma_neg=4, gamma_pos=0, clip=0.05, sum). The focusing weights are
@@ -146,7 +158,7 @@ class ASL(ElementwiseLoss):
 
 
 class Hill(ElementwiseLoss):
-    """Hill loss (§6): positives focal-margin -(1 - p_m)^gamma log p_m with p_m = sigmoid(z - margin);
+    """Hill loss: positives focal-margin -(1 - p_m)^gamma log p_m with p_m = sigmoid(z - margin);
     negatives (hill_lambda - p) p^2 with p = sigmoid(z), no margin.
 
     Defaults are the reference class's (hill_lambda=1.5, margin=1.0, gamma=2, sum). The negative term's gradient

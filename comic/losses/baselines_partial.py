@@ -2,7 +2,7 @@
 2013, adapted to missing labels) and P-ASL, the selective mode of the class-aware selective loss (Ben-Baruch et al.,
 2021, "Multi-label Classification with Partial Annotations using Class-aware Selective Loss").
 
-References: `reference/baselines.md` §7 (SPLC), §8 (Pseudo-Label), §10 (P-ASL / CSL). Targets are the observed 0/1
+Targets are the observed 0/1
 labels: in PLT-MLC a 0 is "negative or missing positive". Corrected targets are computed without gradient and only
 inside the loss; nothing is written back to the data. Epoch-dependent losses learn the epoch from
 `start_epoch(epoch)` (0-based), which writes a buffer, so `forward` never branches on the epoch on the host.
@@ -20,13 +20,15 @@ __all__ = ["SPLC", "PartialASL", "PseudoLabel"]
 
 
 class SPLC(ElementwiseLoss):
-    """Self-paced loss correction (§7), online per batch.
+    """Self-paced loss correction, online per batch.
 
     Observed positives: focal-margin term on z - margin. Observed zeros: focal negative term on z, except that from
     epoch `change_epoch` on (0-based, default 1 = the second epoch) an entry with sigmoid(z) > tau is treated as a
     positive with the *unshifted* logit. Focal gamma on both signs; the focal factor keeps its gradient as in the
     reference. Defaults tau=0.6, change_epoch=1, margin=1, gamma=2, sum.
     """
+
+    corrects_labels = True
 
     def __init__(self, *, tau: float = 0.6, change_epoch: int = 1, margin: float = 1.0, gamma: float = 2.0,
                  detach_focus: bool = False, reduction: str = "sum") -> None:
@@ -45,6 +47,9 @@ class SPLC(ElementwiseLoss):
             flip = (self.epoch >= self.change_epoch) & (targets < 0.5) & (torch.sigmoid(logits) > self.tau)
             return torch.where(flip, torch.ones_like(targets), targets)
 
+    def trained_targets(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return self.corrected_targets(logits, targets)
+
     def entries(self, logits: Tensor, targets: Tensor) -> Tensor:
         corrected = self.corrected_targets(logits, targets)
         # The margin applies to the observed positives only; corrected entries keep their raw logit.
@@ -54,7 +59,7 @@ class SPLC(ElementwiseLoss):
 
 
 class PseudoLabel(ElementwiseLoss):
-    """Pseudo-Label for missing labels (§8; no reference code exists, so this adaptation is a design choice).
+    """Pseudo-Label for missing labels (no reference code exists, so this adaptation is a design choice).
 
     BCE in which every observed zero whose predicted probability is >= tau gets the soft target a(t) instead of 0;
     observed positives stay 1. a(t) is Lee's ramp over 0-based epochs: 0 before `ramp_start`, final_weight *
@@ -64,6 +69,8 @@ class PseudoLabel(ElementwiseLoss):
     threshold over-corrects head classes), ramp_start=1, ramp_end=5, final_weight=1, sum.
     Confidence comes from the logits themselves, or from `teacher_logits` (e.g. an EMA model) when given.
     """
+
+    corrects_labels = True
 
     def __init__(self, *, tau: float = 0.9, ramp_start: int = 1, ramp_end: int = 5, final_weight: float = 1.0,
                  reduction: str = "sum") -> None:
@@ -93,6 +100,10 @@ class PseudoLabel(ElementwiseLoss):
             confident = (targets < 0.5) & (torch.sigmoid(confidence_logits) >= self.tau)
             return torch.where(confident, self.pseudo_target.to(targets.dtype).expand_as(targets), targets)
 
+    def trained_targets(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Soft targets made hard: a correction counts once its target is at least 0.5."""
+        return (self.pseudo_targets(logits, targets) >= 0.5).to(targets.dtype)
+
     def forward(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
         """logits, targets, teacher_logits (optional): [B, C] -> []."""
         logits, targets = as_fp32(logits, targets)
@@ -105,7 +116,7 @@ class PseudoLabel(ElementwiseLoss):
 
 
 class PartialASL(ElementwiseLoss):
-    """P-ASL: the class-aware selective loss in `selective` mode (§10).
+    """P-ASL: the class-aware selective loss in `selective` mode.
 
     PLT-MLC has no observed negatives, so every observed 0 is an *un-annotated* entry (CSL's -1); CSL's
     annotated-negative term (gamma_neg) therefore never applies and is left out. Entries:

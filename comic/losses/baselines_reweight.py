@@ -1,17 +1,17 @@
 """Distribution-Balanced losses DB and DB-Focal (Wu et al., ECCV 2020, "Distribution-Balanced Loss for Multi-Label
 Classification in Long-Tailed Datasets").
 
-Formulas as the reference code computes them (`reference/baselines.md` §4a-4c), for logits z, targets y, observed
+Formulas as the reference code computes them, for logits z, targets y, observed
 training counts n_i of N images:
   re-balanced weight  r_ki = (1/n_i) / sum_{j in Y_k} 1/n_j,   w_ki = alpha + sigmoid(beta (r_ki - mu))
   class shift         z' = z + s_i,  s_i = -(init_bias / neg_scale) log(N / n_i - 1)
   DB entry            y w softplus(-z') + (1 - y) (w / neg_scale) softplus(neg_scale z')
   DB-Focal entry      balance_param [y w (1 - p')^gamma softplus(-z') + (1 - y) (w / neg_scale) p''^gamma
                       softplus(neg_scale z')],  p' = sigmoid(z'), p'' = sigmoid(neg_scale z')
-Defaults are the COCO-MLT config (§4d); VOC-MLT uses mu=0.3, neg_scale=5. The shift exists only inside the loss
+Defaults are the reference's COCO-MLT config; VOC-MLT uses mu=0.3, neg_scale=5. The shift exists only inside the loss
 (evaluation reads the raw logits). Reduction defaults to 'mean' over B*C, as the reference.
 
-Documented choices (§4e):
+Choices where the reference is undefined:
 - counts are clamped to [1, N - 1] before use, so a class never observed (n_i = 0) or always observed gets a finite
   weight and shift;
 - an image with no observed positive (empty Y_k) gets w = alpha + 1 on every entry: the limit r -> inf that the
@@ -87,8 +87,8 @@ class DB(ElementwiseLoss):
 
 class DBFocal(DB):
     """DB-Focal: DB with the focal factor of the *transformed* logit (p_t from z' for positives, from
-    neg_scale z' for negatives), times balance_param. Defaults gamma=2, balance_param=2.0 (§4c-4d); the focal factor
-    keeps its gradient as in the reference. Other arguments as `DB`.
+    neg_scale z' for negatives), times balance_param. Defaults gamma=2, balance_param=2.0 (COCO-MLT config); the
+    focal factor keeps its gradient as in the reference. Other arguments as `DB`.
     """
 
     def __init__(self, *, class_counts: Tensor | None = None, num_images: int | None = None, alpha: float = 0.1,

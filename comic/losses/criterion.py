@@ -1,4 +1,4 @@
-"""The COMIC criterion (Eq. 1 per model, gradient routing of `comic-method.md` §8) and the plain BCE criterion.
+"""The COMIC criterion (Eq. 1 per model, with gradient routing) and the plain BCE criterion.
 
   balanced: lambda_m L(z_b, y) + lambda_c RLC_b(z_b, y) + lambda_b HTB(z_h_hat, z_t_hat, z_b, y)
   head:     lambda_m L(z_h, y) + lambda_c RLC_h(z_h_hat, y)
@@ -10,12 +10,10 @@ each model only on its own terms. The released code's extra "irm" term, which le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
 from comic.config import Config
-from comic.losses.baselines import BCE
+from comic.losses.baselines import BCE, ElementwiseLoss
 from comic.losses.htb import HTBLoss
 from comic.losses.mfm import MFMLoss
 from comic.losses.rlc import RLCLoss
@@ -23,16 +21,8 @@ from comic.losses.rlc import RLCLoss
 MODELS = {"b": "balanced", "h": "head", "t": "tail"}
 
 
-@dataclass
-class StepState:
-    """Where the trainer is; the criteria here take epoch-dependent state from `start_epoch`, not from this."""
-
-    epoch: int  # 1-based
-    step: int  # 0-based within the epoch
-
-
 class ComicCriterion(nn.Module):
-    """criterion(out: ComicOutput, observed [B, C], state) -> (total [], parts).
+    """criterion(out: ComicOutput, observed [B, C]) -> (total [], parts).
 
     parts: unweighted terms 'mfm_b', 'rlc_b', 'htb', 'mfm_h', 'rlc_h', 'mfm_t', 'rlc_t' (disabled ones absent),
     'kappa_h', the weighted per-model sums 'balanced', 'head', 'tail', all detached 0-dim; and 'corrected' [B, C],
@@ -91,35 +81,28 @@ class ComicCriterion(nn.Module):
         parts |= {name: loss.detach() for name, loss in losses.items()}
         return losses, parts
 
-    def forward(self, out, observed: Tensor, state: StepState | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, out, observed: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         losses, parts = self.model_losses(out, observed)
         return losses["balanced"] + losses["head"] + losses["tail"], parts
 
 
 class LossCriterion(nn.Module):
-    """A baseline's plain loss as a criterion: criterion(out, observed [B, C], state) -> (loss [], parts).
+    """A baseline's plain loss as a criterion: criterion(out, observed [B, C]) -> (loss [], parts).
 
     parts: {name: loss, 'corrected': the targets the loss trained on}; for label-correcting baselines (SPLC,
     Pseudo-Label) those are its corrected targets, so the trainer measures their corrections like RLC's.
-    `start_epoch` forwards the trainer's 1-based epoch to losses that count epochs from 0.
+    `start_epoch` forwards the trainer's 1-based epoch to the loss, which counts epochs from 0.
     """
 
-    def __init__(self, loss: nn.Module, name: str = "loss") -> None:
+    def __init__(self, loss: ElementwiseLoss, name: str = "loss") -> None:
         super().__init__()
         self.loss, self.name = loss, name
-        self.corrects_labels = hasattr(loss, "corrected_targets") or hasattr(loss, "pseudo_targets")
+        self.corrects_labels = loss.corrects_labels
 
     def start_epoch(self, epoch: int) -> None:
-        if hasattr(self.loss, "start_epoch"):
-            self.loss.start_epoch(epoch - 1)  # the baseline losses count epochs from 0
+        self.loss.start_epoch(epoch - 1)
 
-    def _targets(self, logits: Tensor, observed: Tensor) -> Tensor:
-        if hasattr(self.loss, "corrected_targets"):
-            return self.loss.corrected_targets(logits.detach().float(), observed.float())
-        if hasattr(self.loss, "pseudo_targets"):  # soft targets: a correction counts once it is at least 0.5
-            return (self.loss.pseudo_targets(logits.detach().float(), observed.float()) >= 0.5).float()
-        return observed.detach().float()
-
-    def forward(self, out, observed: Tensor, state: StepState | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, out, observed: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.loss(out.logits, observed)
-        return loss, {self.name: loss.detach(), "corrected": self._targets(out.logits, observed)}
+        corrected = self.loss.trained_targets(out.logits.detach().float(), observed.float())
+        return loss, {self.name: loss.detach(), "corrected": corrected}

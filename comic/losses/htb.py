@@ -1,4 +1,4 @@
-"""Head-Tail Balancer loss (Eq. 11; reference `comic-method.md` §7).
+"""Head-Tail Balancer loss (Eq. 11).
 
   L_htb = kappa_h D(z_h_hat, z_b) + kappa_t D(z_t_hat, z_b),
   kappa_h = L(z_h_hat)^alpha / (L(z_h_hat)^alpha + L(z_t_hat)^alpha),  kappa_t = 1 - kappa_h,

@@ -1,6 +1,6 @@
 """Multi-Focal Modifier loss (Eqs. 5-6) and the plain BCE that replaces it when `mfm.enabled=false`.
 
-Eq. 5-6 in the released code's ASL form (reference `comic-method.md` §5), for p = sigmoid(z):
+Eq. 5-6 in the released code's ASL form, for p = sigmoid(z):
   gamma+_c = gamma_pn+ + w+ gamma_ht_c,  gamma-_c = gamma_pn- + w- gamma_ht_c,  gamma_ht_c = (1 - ln(n_c / n_max))^(1/3)
   L = -sum_{b,c} (1 - p_t)^gamma_c * w_c * [y log p + (1 - y) log min(1, 1 - p + clip)]
 The focusing factor is a constant weight (no gradient); the reduction is a sum. Code-only parts, each a config key:

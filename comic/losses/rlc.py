@@ -1,4 +1,4 @@
-"""Reflective Label Corrector (Eqs. 2-3), in the released code's form (reference `comic-method.md` §6).
+"""Reflective Label Corrector (Eqs. 2-3), in the released code's form.
 
 Per call, for logits z [B, C] and observed labels y:
   z' = z - m y (margin on observed positives),  p = sigmoid(z'),  P_c = mean_b p[:, c] (or a running mean),

@@ -1,0 +1,128 @@
+"""The file-system idioms every part of the library shares: atomic writes, stable hashes, temporary build folders and
+an advisory file lock. One definition each, so "written atomically" and "content hash" mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HASH_LENGTH = 16  # hex digits of a stable hash: 64 bits, ample for names of runs, cells and caches
+
+
+def stable_hash(obj: Any, length: int = HASH_LENGTH) -> str:
+    """sha256 hex digest (first `length` digits) of `obj` as canonical JSON: sorted keys, str() for other types."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def absolute_path(path: str | os.PathLike[str]) -> Path:
+    """`path` with `~` expanded, made absolute and resolved (Ray trials and MLflow run in other directories)."""
+    return Path(path).expanduser().resolve()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it into place: a crash never leaves half a file.
+
+    The temporary name carries the pid, so concurrent writers of the same file never share one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A fresh `.{name}.tmp-<pid>-*` folder in `parent` (the pid lets later runs spot leftovers of dead builds)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should be readable as usual
+    return tmp
+
+
+def remove_stale_temps(parent: Path, name: str) -> None:
+    """Delete `.{name}.tmp-<pid>-*` leftovers of interrupted builds whose process is gone."""
+    for path in parent.glob(f".{name}.tmp-*"):
+        match = re.match(rf"\.{re.escape(name)}\.tmp-(\d+)-", path.name)
+        if match and not pid_alive(int(match.group(1))):
+            log.info("removing %s, left by an interrupted build", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path, marker: str) -> bool:
+    """Rename a finished temporary folder to `final`; False (and `tmp` removed) when a concurrent builder won the
+    race and `final/marker` already exists; other failures raise."""
+    try:
+        os.rename(tmp, final)
+        return True
+    except OSError:
+        if not (final / marker).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("a concurrent build produced %s first; using it", final)
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process `pid` exists (ours included)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive advisory lock on `path` (created if missing) for a block: concurrent processes take turns.
+
+    A no-op where `fcntl` is unavailable (not POSIX).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent builders then race on the final rename only
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,212 @@
+"""The command line every `ablations/*.py` script shares, and its report: parse the flags, run (or resume) the
+study's grid, and compose the paper's table, ours (mean ± std over seeds), the paired differences and the cells.
+
+Every table reports test-set metrics of the epoch with the best validation mAP (`best/test/*`): the test set never
+picks an epoch, and all arms are selected the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
+from comic.config import ConfigError
+from comic.report import tables
+from comic.report.stats import aggregate
+from comic.studies.plan import Study
+from comic.studies.runner import BACKENDS, FAILED, FINISHED, StudyRun, run_link
+from comic.studies.spec import AblationSpec, Outcome, PaperTable
+from comic.tuning.cluster import Resources, ray_session
+
+METRIC_NOTE = ("Metrics: test-set mAP / recall in %, at the epoch with the best validation mAP (`best/test/*`); "
+               "the test set never selects anything.")
+STATS_NOTE = ("mean ± std: sample std (ddof 1) over the seeds that finished, n in brackets. 95% CI: Student t with "
+              "n-1 degrees of freedom. diff: paired by seed against the reference arm, paired t-test p-value; "
+              "'within noise' = the 95% CI of the paired difference contains 0 (equivalently p >= 0.05).")
+
+
+@dataclass
+class Report:
+    text: str
+    failed: int = 0
+    pending: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every cell finished; 1 when some failed or never ran (rerun the command to retry them)."""
+        return 1 if self.failed or self.pending else 0
+
+
+
+
+def build_parser(spec: AblationSpec, doc: str) -> argparse.ArgumentParser:
+    parents = [config_flags("tiny synthetic data, 2 seeds, 2 epochs, CPU: seconds"),
+               seeds_flag(None, "seeds of every arm (default 0 1 2; smoke test 0 1)"), tracking_flags(None),
+               ray_flags()]
+    parser = argparse.ArgumentParser(description=doc, epilog=spec.describe() + "\n\n" + METRIC_NOTE, parents=parents,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("the study")
+    group.add_argument("--backend", choices=BACKENDS, default="local",
+                       help="local: cells one after another in this process; ray: one Ray Tune grid")
+    group.add_argument("--study-dir", help=f"results, checkpoints and report (default studies/{spec.name})")
+    group.add_argument("--dry-run", action="store_true", help="print the plan (cells and their state) and exit")
+    return parser
+
+
+def make_study(spec: AblationSpec, args: argparse.Namespace) -> Study:
+    variants = dict(spec.variants)
+    if args.smoke_test and spec.smoke_variants is not None:  # the reference arm always stays
+        variants = {k: v for k, v in variants.items() if k in spec.smoke_variants or k == spec.reference}
+    seeds = args.seeds if args.seeds else ([0, 1] if args.smoke_test else [0, 1, 2])
+    return Study(spec.name, variants, tuple(seeds), dict(spec.benchmarks), spec.reference)
+
+
+def setup_logging() -> None:
+    """For the scripts: warnings from every library, progress notes from the study runner."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("comic.studies").setLevel(logging.INFO)
+
+
+def run(spec: AblationSpec, args: argparse.Namespace) -> Report:
+    """Run (or resume) the study the arguments describe and return its report; raises ConfigError on bad input."""
+    if args.list_keys:
+        return Report(list_keys(args))
+    study = make_study(spec, args)
+    suffix = "-smoke" if args.smoke_test else ""
+    study_run = StudyRun(study, base_config(args), study_dir=args.study_dir or Path("studies") / f"{spec.name}{suffix}",
+                         tracking_uri=args.tracking_uri, experiment=args.experiment or f"ablation-{spec.name}{suffix}")
+    if args.dry_run:
+        return Report(_plan_text(study_run))
+    resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent)
+    ray = ray_session(args.address, args.num_cpus) if args.backend == "ray" else contextlib.nullcontext()
+    with ray, study_run:
+        rows = study_run.run(args.backend, resources=resources, max_failures=args.max_failures,
+                             shared_storage=args.shared_storage, progress=study_run.cells[0].config.engine.progress)
+        return _report(spec, args, study_run, rows)
+
+
+def execute(spec: AblationSpec, doc: str, argv: Sequence[str] | None = None,
+            paper: Callable[[str], PaperTable] | None = None) -> tuple[int, str]:
+    """A whole ablation script: parse `argv`, run the grid, compose the report -> (exit code, text to show).
+
+    Exit code 2 with an 'error: ...' text for bad input (show it on stderr); `paper(preset)` picks the paper's table
+    for the chosen preset (Table 1 has one per benchmark).
+    """
+    args = parse(build_parser(spec, doc), argv)
+    if paper is not None:
+        spec = dataclasses.replace(spec, paper=paper(args.preset))
+    setup_logging()
+    try:
+        report = run(spec, args)
+    except (ConfigError, ValueError) as err:
+        return 2, f"error: {err}"
+    return report.exit_code, report.text
+
+
+def main(spec: AblationSpec, doc: str, argv: Sequence[str] | None = None,
+         paper: Callable[[str], PaperTable] | None = None) -> int:
+    """`execute`, printed: the report on stdout, an 'error: ...' line on stderr; returns the exit code."""
+    code, text = execute(spec, doc, argv, paper)
+    print(text, file=sys.stderr if code == 2 else sys.stdout)
+    return code
+
+
+def _plan_text(study_run: StudyRun) -> str:
+    lines = [f"study {study_run.study.name} in {study_run.dir}: {len(study_run.cells)} cells"]
+    for cell in study_run.cells:
+        lines.append(f"  {cell.arm.name:<28} seed {cell.seed:<4} {cell.key}  {study_run.store.state(cell.key)}")
+    lines.append(f"to run: {len(study_run.pending())}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the report
+
+
+def _report(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, rows: pd.DataFrame) -> Report:
+    arms = [a.name for a in study_run.study.arms()]
+    metrics = list(spec.columns)
+    stats = aggregate(rows, spec.columns, study_run.study.references(), arms)
+    ours = tables.ours_table(stats, arms, metrics, first=spec.arm_label)
+    diffs = tables.differences_table(stats, arms, metrics)
+    cells = tables.cells_table(rows, spec.columns)
+    outcome = Outcome(spec, arms, rows, stats, study_run.curves())
+    figures = {f"{spec.name}.png": spec.figure(outcome)} if spec.figure is not None else {}
+    text = _compose(spec, args, study_run, rows, ours, diffs, cells, figures)
+    keep = [c for c in ("arm", "variant", "benchmark", "seed", "key", "state", "run_id", "run_link", "wall_s", "error",
+                        *spec.columns.values()) if c in rows]
+    written = study_run.publish(
+        {"report.md": text, "table.md": tables.markdown(ours),
+         "table.tex": tables.latex(ours, f"{spec.title} (ours; mean ± std over seeds)", f"tab:{spec.name}")},
+        {"table": ours, "stats": stats, "cells": rows[keep]}, figures, _parent_metrics(stats))
+    text += "\n\nFiles:\n" + "\n".join(f"  {p}" for p in written)
+    state = rows["state"]
+    return Report(text, failed=int((state == FAILED).sum()), pending=int((~state.isin([FINISHED, FAILED])).sum()))
+
+
+def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, rows: pd.DataFrame,
+             ours: pd.DataFrame, diffs: pd.DataFrame, cells: pd.DataFrame, figures: Mapping[str, Any]) -> str:
+    cfg = study_run.cells[0].config
+    study = study_run.study
+    ran, unique = len(study_run.executed), len({c.key for c in study_run.cells})
+    failed = rows[rows["state"] == FAILED]
+    parts = [
+        f"== {spec.title} ==",
+        f"study '{study.name}': {len(study.arms())} arms x {len(study.seeds)} seeds {list(study.seeds)} = "
+        f"{unique} cells; {ran} run now (backend {args.backend}), {unique - ran} reused from {study_run.dir}",
+        f"setup: preset {args.preset}{' (smoke test)' if args.smoke_test else ''}, benchmark {cfg.data.benchmark}, "
+        f"backbone {cfg.model.backbone}, {cfg.train.epochs} epochs, code {study_run.code}",
+        METRIC_NOTE,
+    ]
+    parts.append(spec.describe())
+    paper = spec.paper
+    parts += ["", f"PAPER - {paper.source}. Numbers reported by Zhang et al. (ICCV 2023), NOT produced by this run:",
+              tables.markdown(_paper_frame(spec))]
+    if paper.note:
+        parts.append(paper.note)
+    parts += ["", f"OURS - {cfg.data.benchmark}, mean ± std (n seeds):", tables.markdown(ours),
+              "", "OURS - paired differences against the reference arm:", STATS_NOTE, tables.markdown(diffs),
+              "", f"Cells (MLflow experiment '{study_run.experiment}' at {study_run.tracking_uri}; parent run "
+                  f"{study_run.parent.run_id if study_run.parent else '-'}; a cell's page: "
+                  f"{_link_pattern(study_run)}):",
+              tables.markdown(cells)]
+    if len(failed):
+        parts += ["", f"{len(failed)} cell(s) FAILED (rerun the same command to retry them):"]
+        parts += [f"  {r['arm']} seed {r['seed']}: {r['error']}" for r in failed.to_dict("records")]
+    if figures:
+        parts += ["", "Figure: " + ", ".join(figures)]
+    return "\n".join(parts)
+
+
+def _link_pattern(study_run: StudyRun) -> str:
+    return run_link(study_run.tracking_uri, study_run.experiment_id, "<run id>")
+
+
+def _paper_frame(spec: AblationSpec) -> pd.DataFrame:
+    rows = [[name, *values] for name, values in spec.paper.rows.items()]
+    return pd.DataFrame(rows, columns=[spec.arm_label, *spec.paper.columns])
+
+
+def _slug(text: str) -> str:
+    """MLflow metric names allow letters, digits, '_-./ ' only."""
+    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", text.replace("−", "-").replace("α", "alpha").replace("τ", "tau"))
+
+
+def _parent_metrics(stats: pd.DataFrame) -> dict[str, float]:
+    """agg/<arm>/<metric>/mean|std|n on the parent run, so the MLflow UI can sort arms."""
+    out = {}
+    for r in stats.to_dict("records"):
+        prefix = f"agg/{_slug(r['arm'])}/{_slug(r['metric'])}"
+        out |= {f"{prefix}/mean": r["mean"], f"{prefix}/std": r["std"], f"{prefix}/n": float(r["n"])}
+    return {k: v for k, v in out.items() if isinstance(v, float) and math.isfinite(v)}

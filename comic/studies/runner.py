@@ -1,0 +1,313 @@
+"""Running an ablation study: its cells (`comic.studies.plan`) as resumable runs, their results on disk and in MLflow.
+
+`StudyRun` keeps the outcomes in `<study dir>/cells.parquet` (one row per cell: arm, variant, benchmark, seed, key,
+MLflow run id, state, wall time, every final metric) and per-epoch curves in `curves.parquet`. A rerun skips
+finished cells, resumes unfinished ones (each cell trains in `<study dir>/cells/<key>`, whose checkpoint and MLflow
+run id `comic.tracking.run.tracked_fit` picks up) and reruns failed ones.
+
+MLflow: one experiment per study (default `ablation-<name>`), one parent run per plan (the set of cell keys; an
+identical rerun reattaches to it), and one child run per cell, linked by `mlflow.parentRunId` and tagged with
+`ablation.cell`, `ablation.arm` and `group_key` (the arm) for grouping in the UI.
+
+Backends: `local` runs the cells one after another in this process (no Ray); `ray` hands them to
+`comic.tuning.runner.run_configs` as one Tune grid without early stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pandas as pd
+from mlflow import MlflowClient
+from tqdm.auto import tqdm
+
+from comic._io import atomic_write, atomic_write_text, stable_hash
+from comic.config import Config, absolute_paths, identity, identity_hash
+from comic.studies.plan import Cell, Study, plan
+from comic.tracking.client import RunTracker
+from comic.tracking.provenance import code_version, run_tags
+from comic.tracking.run import RUN_ID_FILE, tracked_fit
+from comic.tracking.store import ensure_experiment, resolve_tracking_uri, search_all_runs
+from comic.tuning.cluster import Resources
+from comic.tuning.runner import run_configs
+
+log = logging.getLogger(__name__)
+
+CELLS_FILE, CURVES_FILE, PARENTS_FILE = "cells.parquet", "curves.parquet", "parents.json"
+FINISHED, FAILED, PENDING = "finished", "failed", "pending"
+BACKENDS = ("local", "ray")
+# Per-epoch metrics kept for figures over training (Fig. 6): balanced / head / tail models, shot groups, loss.
+CURVE_KEYS = ("val/map", "test/map", "test/map_many", "test/map_medium", "test/map_few", "test/head/map",
+              "test/tail/map", "train/loss")
+OnCell = Callable[[Cell, dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------------------------- the store
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Atomic: a crash mid-write never leaves a truncated results file."""
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+class CellStore:
+    """The study's results on disk: one row per cell key (`cells.parquet`) and its curves (`curves.parquet`)."""
+
+    def __init__(self, study_dir: Path) -> None:
+        self.dir = study_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cells, curves = self.dir / CELLS_FILE, self.dir / CURVES_FILE
+        frame = pd.read_parquet(cells) if cells.is_file() else pd.DataFrame()
+        self.rows: dict[str, dict[str, Any]] = {r["key"]: r for r in frame.to_dict("records")}
+        self.curves = pd.read_parquet(curves) if curves.is_file() else pd.DataFrame(
+            columns=["key", "epoch", "metric", "value"])
+
+    def state(self, key: str) -> str:
+        return str(self.rows.get(key, {}).get("state", PENDING))
+
+    def put(self, row: dict[str, Any], history: Sequence[Mapping[str, float]] = ()) -> None:
+        self.rows[row["key"]] = row
+        if history:
+            points = [{"key": row["key"], "epoch": int(h["epoch"]), "metric": k, "value": float(h[k])}
+                      for h in history for k in CURVE_KEYS if k in h]
+            kept = self.curves[self.curves["key"] != row["key"]]
+            self.curves = pd.concat([kept, pd.DataFrame(points)], ignore_index=True) if len(kept) else \
+                pd.DataFrame(points)
+            _write_parquet(self.curves, self.dir / CURVES_FILE)
+        _write_parquet(pd.DataFrame(list(self.rows.values())), self.dir / CELLS_FILE)
+
+
+# --------------------------------------------------------------------------------------------- running a study
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI address of a run: on the tracking server itself, or on `mlflow ui`'s default local address."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if run_id else ""
+
+
+class StudyRun:
+    """A study's cells and its parent MLflow run, open inside `with`: `run()` the pending cells, read `rows()`,
+    `publish()` the tables and figures to the study directory and the parent run."""
+
+    def __init__(self, study: Study, base: Config, *, study_dir: str | Path, tracking_uri: str | None = None,
+                 experiment: str | None = None, code: str | None = None) -> None:
+        self.study = study
+        self.dir = Path(study_dir).expanduser().resolve()
+        self.code = code or code_version()
+        self.cells = plan(study, absolute_paths(base), self.code)
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment = experiment or f"ablation-{study.name}"
+        self.store = CellStore(self.dir)
+        self.parent: RunTracker | None = None
+        self.experiment_id = ""
+        self.executed: list[str] = []
+
+    @property
+    def plan_hash(self) -> str:
+        return stable_hash(sorted(c.key for c in self.cells))
+
+    def pending(self) -> list[Cell]:
+        """Cells to run, one per key: never run, failed, or interrupted (they resume from their checkpoint)."""
+        seen: set[str] = set()
+        out = []
+        for cell in self.cells:
+            if cell.key not in seen and self.store.state(cell.key) != FINISHED:
+                out.append(cell)
+            seen.add(cell.key)
+        return out
+
+    def __enter__(self) -> StudyRun:
+        self.experiment_id = ensure_experiment(self.tracking_uri, self.experiment)
+        parents_file = self.dir / PARENTS_FILE
+        parents = json.loads(parents_file.read_text()) if parents_file.is_file() else {}
+        tags = run_tags({"ablation.study": self.study.name, "ablation.role": "study", "code_version": self.code})
+        name = f"{self.study.name} ({len(self.cells)} cells)"
+        tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, run_id=parents.get(self.plan_hash),
+                             tags=tags)
+        try:
+            tracker.start()
+        except ValueError as err:  # the stored parent lives in another tracking store: start a new one
+            log.warning("%s; starting a new parent run", err)
+            tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, tags=tags).start()
+        self.parent = tracker
+        parents[self.plan_hash] = tracker.run_id
+        atomic_write_text(parents_file, json.dumps(parents, indent=1))
+        try:
+            self._log_plan()
+        except BaseException as err:  # `with` never reaches __exit__ when __enter__ raises: close the run here
+            tracker.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.parent is not None:
+            self.parent.__exit__(exc_type, exc, tb)
+
+    def _log_plan(self) -> None:
+        assert self.parent is not None
+        base = {k: v for k, v in identity(self.cells[0].config).items() if k != "seed"}
+        self.parent.log_params({"study": self.study.name, "seeds": list(self.study.seeds),
+                                "arms": [a.name for a in self.study.arms()], "plan_hash": self.plan_hash})
+        self.parent.log_dict({"study": self.study.name, "seeds": list(self.study.seeds),
+                              "variants": dict(self.study.variants), "benchmarks": dict(self.study.benchmarks),
+                              "reference": self.study.reference, "first_arm_config": base,
+                              "cells": [{"arm": c.arm.name, "seed": c.seed, "key": c.key} for c in self.cells]},
+                             "study.json")
+
+    # ----------------------------------------------------------------- execution
+
+    def run(self, backend: str = "local", *, resources: Resources | None = None, max_failures: int = 1,
+            shared_storage: bool = False, on_cell: OnCell | None = None, progress: bool = True) -> pd.DataFrame:
+        """Run the pending cells on `backend` and return `rows()`. A failing cell is recorded (state 'failed',
+        its error) and the grid goes on; an exception from `on_cell` (called after each cell is saved) stops it.
+
+        `resources` (per cell), `max_failures` (Tune restarts of a crashed cell from its last
+        epoch) and `shared_storage` (the study directory is on storage every Ray node mounts) concern `ray` only.
+        """
+        if self.parent is None:
+            raise RuntimeError("use StudyRun inside `with`: the parent MLflow run must be open")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: must be one of {', '.join(BACKENDS)} (--backend)")
+        todo = self.pending()
+        log.info("study %s: %d cells, %d to run (%d finished earlier)", self.study.name, len(self.cells), len(todo),
+                 len({c.key for c in self.cells}) - len(todo))
+        if todo and backend == "local":
+            self._run_local(todo, on_cell, progress)
+        elif todo:
+            self._run_ray(todo, resources, max_failures, shared_storage, on_cell)
+        return self.rows()
+
+    def _child_tags(self, cell: Cell) -> dict[str, str]:
+        return {"ablation.study": self.study.name, "ablation.cell": cell.key, "ablation.arm": cell.arm.name,
+                "ablation.variant": cell.arm.variant, "ablation.benchmark": cell.arm.benchmark,
+                "group_key": cell.arm.name, "code_version": self.code, "dataset_digest": cell.dataset}
+
+    def _run_name(self, cell: Cell) -> str:
+        return f"{cell.arm.name} seed={cell.seed}"
+
+    def _run_local(self, cells: list[Cell], on_cell: OnCell | None, progress: bool) -> None:
+        for cell in tqdm(cells, desc=f"{self.study.name} cells", unit="cell", disable=not progress):
+            row, history = self._fit_local(cell)
+            self._record(cell, row, history, on_cell)
+
+    def _fit_local(self, cell: Cell) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        assert self.parent is not None
+        workdir = self.dir / "cells" / cell.key
+        start = time.perf_counter()
+        try:
+            result, run_id = tracked_fit(cell.config, tracking_uri=self.tracking_uri, experiment=self.experiment,
+                                         workdir=workdir, run_name=self._run_name(cell),
+                                         parent_run_id=self.parent.run_id, tags=self._child_tags(cell))
+        except Exception as err:  # one broken cell must not sink the grid; it is rerun next time
+            log.warning("cell %s (%s) failed: %s", cell.key, self._run_name(cell), err)
+            id_file = workdir / RUN_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else ""
+            return self._row(cell, FAILED, run_id, {}, f"{type(err).__name__}: {err}", start), []
+        return self._row(cell, FINISHED, run_id, result.metrics, "", start), result.history
+
+    def _run_ray(self, cells: list[Cell], resources: Resources | None, max_failures: int, shared_storage: bool,
+                 on_cell: OnCell | None) -> None:
+        assert self.parent is not None
+        # The Tune experiment is named by the cells it holds: resubmitting the same pending set (after a driver
+        # crash or Ctrl-C) restores that experiment, whose trials resume from their Tune checkpoints. A cell that
+        # failed for good is retried in a new experiment, from scratch.
+        name = f"{self.study.name}-{stable_hash([c.key for c in cells], 8)}"
+        start = time.perf_counter()
+        results = run_configs([c.config for c in cells], names=[self._run_name(c) for c in cells],
+                              storage_path=str(self.dir / "ray"), name=name, tracking_uri=self.tracking_uri,
+                              experiment=self.experiment, parent_run_id=self.parent.run_id,
+                              resources=resources or Resources(), max_failures=max_failures, resume=True,
+                              tags=[self._child_tags(c) for c in cells], shared_storage=shared_storage)
+        run_ids = self._child_run_ids()
+        for cell, metrics in zip(cells, results, strict=True):
+            state = FINISHED if metrics else FAILED
+            error = "" if metrics else "the Ray trial failed (see its MLflow run and the Tune experiment folder)"
+            run_id = run_ids.get(cell.key, "")
+            row = self._row(cell, state, run_id, metrics, error, start)
+            self._record(cell, row, self._history_from_mlflow(run_id) if metrics else [], on_cell)
+
+    def _child_run_ids(self) -> dict[str, str]:
+        """cell key -> MLflow run id of the parent's children (the newest run of a key wins)."""
+        assert self.parent is not None
+        runs = search_all_runs(MlflowClient(self.tracking_uri), [self.experiment_id],
+                               f"tags.mlflow.parentRunId = '{self.parent.run_id}'",
+                               order_by=["attributes.start_time ASC"])
+        return {r.data.tags["ablation.cell"]: r.info.run_id for r in runs if "ablation.cell" in r.data.tags}
+
+    def _history_from_mlflow(self, run_id: str) -> list[dict[str, float]]:
+        client = MlflowClient(self.tracking_uri)
+        epochs: dict[int, dict[str, float]] = {}
+        for key in CURVE_KEYS:
+            for point in client.get_metric_history(run_id, key):
+                epochs.setdefault(point.step, {"epoch": float(point.step)})[key] = point.value
+        return [epochs[e] for e in sorted(epochs)]
+
+    def _row(self, cell: Cell, state: str, run_id: str, metrics: Mapping[str, float], error: str,
+             start: float) -> dict[str, Any]:
+        row = {"key": cell.key, "study": self.study.name, "arm": cell.arm.name, "variant": cell.arm.variant,
+               "benchmark": cell.arm.benchmark, "seed": cell.seed, "state": state, "run_id": run_id, "error": error,
+               "wall_s": time.perf_counter() - start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "code_version": self.code, "dataset_digest": cell.dataset, "identity": identity_hash(cell.config)}
+        return row | {k: float(v) for k, v in metrics.items()}
+
+    def _record(self, cell: Cell, row: dict[str, Any], history: Sequence[Mapping[str, float]],
+                on_cell: OnCell | None) -> None:
+        self.store.put(row, history)
+        self.executed.append(cell.key)
+        if on_cell is not None:
+            on_cell(cell, row)
+
+    # ----------------------------------------------------------------- results
+
+    def rows(self) -> pd.DataFrame:
+        """One row per planned (arm, seed): the plan's labels, the cell's stored outcome and a link to its run."""
+        out = []
+        for cell in self.cells:
+            stored = dict(self.store.rows.get(cell.key, {"state": PENDING, "run_id": ""}))
+            stored |= {"key": cell.key, "arm": cell.arm.name, "variant": cell.arm.variant,
+                       "benchmark": cell.arm.benchmark, "seed": cell.seed}
+            run_id = stored.get("run_id") or ""
+            stored["run_link"] = run_link(self.tracking_uri, self.experiment_id, run_id) if isinstance(
+                run_id, str) else ""
+            out.append(stored)
+        return pd.DataFrame(out)
+
+    def curves(self) -> pd.DataFrame:
+        """Per-epoch curves (key, epoch, metric, value) joined with the plan's arm and seed."""
+        plan_frame = pd.DataFrame([{"key": c.key, "arm": c.arm.name, "seed": c.seed} for c in self.cells])
+        return self.store.curves.merge(plan_frame, on="key", how="inner")
+
+    def publish(self, texts: Mapping[str, str], tables: Mapping[str, pd.DataFrame], figures: Mapping[str, Any],
+                metrics: Mapping[str, float] | None = None) -> list[Path]:
+        """Write texts / tables (Parquet + CSV) / figures (PNG) into `<study dir>/report/` and log them to the
+        parent run; `metrics` (e.g. per-arm means) are logged on the parent so the MLflow UI can sort on them."""
+        assert self.parent is not None
+        folder = self.dir / "report"
+        folder.mkdir(exist_ok=True)
+        written = []
+        for name, text in texts.items():
+            atomic_write_text(folder / name, text)
+            self.parent.log_text(text, f"report/{name}")
+            written.append(folder / name)
+        for name, frame in tables.items():
+            atomic_write(folder / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+            self.parent.log_table(frame, name, artifact_path="report")
+            written.append(folder / f"{name}.csv")
+        for name, fig in figures.items():
+            atomic_write(folder / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
+            self.parent.log_figure(fig, f"report/{name}")
+            written.append(folder / name)
+        finite = {k: v for k, v in (metrics or {}).items() if math.isfinite(v)}
+        if finite:  # step = finished cells, so a rerun that completes more cells adds a point
+            done = sum(self.store.state(k) == FINISHED for k in {c.key for c in self.cells})
+            self.parent.log_metrics(finite, step=done)
+        return written

@@ -1,0 +1,116 @@
+"""One tracked training run: `fit` plus its MLflow record (params, tags, per-epoch metrics, tables and plots).
+
+Used by `experiments/train.py`, by every ablation cell and by every Ray Tune trial, so all of them leave the same
+record. The MLflow run id is kept in the work directory: a resumed run reattaches to its own MLflow run.
+Params are the keys of the run's identity (`comic.config.identity`, resumable form); the keys a resumed run may
+change (execution knobs, the schedule's length) go out as tags `config.<key>`, because MLflow params are immutable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from comic.config import Config, identity, to_dict, to_flat_dict
+from comic.data.build import ensure_benchmark
+from comic.data.reader import CARD_JSON, content_digest
+from comic.device import device_name, resolve_device
+from comic.engine import FitResult, Report, RunState, fit
+from comic.report import plots
+from comic.tracking.client import RunTracker
+from comic.tracking.provenance import run_tags
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str | Path,
+                run_name: str | None = None, parent_run_id: str | None = None, report: Report | None = None,
+                tags: dict[str, str] | None = None, detach_on_exit: bool = False) -> tuple[FitResult, str]:
+    """Run `fit(cfg)` in an MLflow run (ends FINISHED / FAILED / KILLED, never RUNNING); return it and the run id.
+
+    The artifacts (tables, plots) are logged at the last epoch before `report` sees it, so a trial that its
+    scheduler stops there keeps them. `detach_on_exit`: see `RunTracker` (Ray Tune trials).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    id_file = workdir / RUN_ID_FILE
+    card = json.loads((ensure_benchmark(cfg.data) / CARD_JSON).read_text())
+    tracker = RunTracker(tracking_uri, experiment, run_name=run_name, parent_run_id=parent_run_id,
+                         run_id=id_file.read_text().strip() if id_file.is_file() else None,
+                         tags=_tags(cfg, card, tags), detach_on_exit=detach_on_exit)
+    with tracker:
+        id_file.write_text(tracker.run_id)
+        _log_inputs(tracker, cfg, card)
+        artifacts_logged = []
+
+        def on_epoch(metrics: dict[str, float], run: RunState) -> None:
+            tracker.log_metrics(_finite(metrics), step=int(metrics["epoch"]))
+            if int(metrics["epoch"]) == cfg.train.epochs:
+                log_artifacts(tracker, FitResult.of(run, workdir))
+                artifacts_logged.append(True)
+            if report is not None:
+                report(metrics, run)
+
+        result = fit(cfg, on_epoch, workdir=workdir)
+        for metrics in result.history:  # an epoch checkpointed but not yet logged before a crash; duplicates drop
+            tracker.log_metrics(_finite(metrics), step=int(metrics["epoch"]))
+        if not artifacts_logged:  # the last epoch ran in an earlier, interrupted process
+            log_artifacts(tracker, result)
+    return result, tracker.run_id
+
+
+def split_params(cfg: Config) -> tuple[dict[str, object], dict[str, str]]:
+    """(params, tags): the run's identity as params; every other key as a tag `config.<key>` (may change)."""
+    fixed = identity(cfg, resumable=True)
+    params, mutable = {}, {}
+    for key, value in to_flat_dict(cfg).items():
+        if key in fixed:
+            params[key] = value
+        else:
+            mutable[f"config.{key}"] = str(value)
+    return params, mutable
+
+
+def _log_inputs(tracker: RunTracker, cfg: Config, card: dict) -> None:
+    params, mutable = split_params(cfg)
+    tracker.log_params(params)
+    tracker.set_tags(mutable)
+    tracker.log_dict(to_dict(cfg), "config.yaml")
+    tracker.log_dict(card, "dataset/card.json")
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """NaN marks an empty shot group or an epoch without corrections: left out of MLflow rather than plotted."""
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _tags(cfg: Config, card: dict, extra: dict[str, str] | None) -> dict[str, str]:
+    """Provenance, and what was trained on as the benchmark's card says (not as the config's data.* keys say)."""
+    base = {"method": cfg.method, "seed": str(cfg.seed), "dataset": str(card.get("benchmark", "")),
+            "dataset_name": str(card.get("name", "")), "dataset_digest": content_digest(card),
+            "device": device_name(resolve_device(cfg.engine.device))}
+    return run_tags(base | (extra or {}))
+
+
+def log_artifacts(tracker: RunTracker, result: FitResult) -> None:
+    """Per-class AP table (Parquet + CSV) and the plots: mAP curves, shot groups, corrections, class distribution."""
+    best = result.per_class.get("best")
+    if best:
+        tracker.log_table(best, "per_class_ap")
+        tracker.log_figure(plots.plot_per_class_ap(best["class"], best["test_ap"], best["train_observed"]),
+                           "per_class_ap.png")
+    tracker.log_figure(plots.plot_map_curves(result.history), "map_curves.png")
+    shots = {k.split("/", 1)[1]: v for k, v in result.metrics.items() if k.startswith("best/test/map")}
+    tracker.log_figure(plots.plot_shot_groups(shots, "test mAP at the best-on-val epoch"), "shot_groups.png")
+    last = result.per_class.get("last")
+    if last and any(k.startswith("rlc/") for k in result.history[-1]):
+        tracker.log_figure(plots.plot_corrections(result.history), "rlc_corrections.png")
+        corrected = np.add(last["train_observed"], np.add(last["rlc_tp"], last["rlc_fp"])).tolist()
+        tracker.log_figure(plots.plot_class_distribution(last["class"], last["train_observed"], corrected,
+                                                         last["train_full"]), "class_distribution.png")

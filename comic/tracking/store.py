@@ -1,0 +1,115 @@
+"""Where MLflow records go: the tracking URI (always absolute) and the experiments (created by the driver).
+
+Decisions the callers rely on:
+- Tracking URI: explicit argument > `MLFLOW_TRACKING_URI` > `sqlite:///<abs cwd>/mlruns/mlflow.db`, always made
+  absolute because Ray Tune changes each trial's working directory. Plain folders / `file:` URIs are refused
+  (MLflow 3.17 refuses them too) unless `MLFLOW_ALLOW_FILE_STORE=true`.
+- Experiments are created by the driver (`ensure_experiment`) before trials start: two processes creating a
+  fresh SQLite database at once race in MLflow's schema migration. For SQLite stores the artifacts live next to
+  the database (`<db folder>/artifacts/<experiment>`), not in whatever directory happened to be current.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+DEFAULT_DB = Path("mlruns") / "mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The absolute tracking URI to use: `uri` > env `MLFLOW_TRACKING_URI` > `sqlite:///<abs cwd>/mlruns/mlflow.db`.
+
+    Relative SQLite paths are made absolute (and their folder created); http(s) and other database URIs pass
+    through unchanged. A plain folder or `file:` URI raises `ValueError` unless `MLFLOW_ALLOW_FILE_STORE=true`.
+    """
+    chosen = (uri or os.environ.get("MLFLOW_TRACKING_URI") or "").strip()
+    if not chosen:
+        db = Path.cwd() / DEFAULT_DB
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}"
+    scheme = urlparse(chosen).scheme.lower()
+    if chosen == "databricks":  # MLflow's one scheme-less URI that is not a folder
+        return chosen
+    if scheme == "sqlite":
+        return _absolute_sqlite(chosen)
+    if scheme in ("", "file"):
+        return _file_store(chosen)
+    return chosen
+
+
+def _absolute_sqlite(uri: str) -> str:
+    path_part, sep, query = uri[len("sqlite://") :].partition("?")
+    if path_part in ("", "/", "/:memory:"):
+        raise ValueError(
+            f"tracking URI {uri!r} is an in-memory SQLite database, which other processes (Ray trials, the MLflow "
+            "UI) cannot see; give a file, e.g. 'sqlite:///mlruns/mlflow.db'"
+        )
+    # sqlite:///rel.db has path_part '/rel.db'; sqlite:////abs.db has '//abs.db': drop the authority slash.
+    path = Path(os.path.abspath(Path(path_part[1:]).expanduser()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}{sep}{query}"
+
+
+def _file_store(uri: str) -> str:
+    folder = unquote(urlparse(uri).path) if uri.startswith("file:") else uri
+    folder_path = Path(os.path.abspath(Path(folder).expanduser()))
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes"):
+        return folder_path.as_uri()
+    raise ValueError(
+        f"MLflow tracking URI {uri!r} is a plain folder (MLflow's file store). MLflow 3.17 refuses it ('The "
+        "filesystem tracking backend ... is in maintenance mode') unless MLFLOW_ALLOW_FILE_STORE=true is set. "
+        f"Use a SQLite database instead, e.g. 'sqlite:///{folder_path / 'mlflow.db'}', or an http(s) MLflow "
+        "server; an existing folder store converts with `mlflow migrate-filestore`."
+    )
+
+
+def client(uri: str) -> MlflowClient:
+    """An `MlflowClient` of the (resolved) tracking URI `uri`."""
+    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database; servers and other databases choose their own."""
+    if not uri.startswith("sqlite:"):
+        return None
+    db = Path(uri[len("sqlite:///") :].partition("?")[0])
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "experiment"
+    return (db.parent / "artifacts" / slug).as_uri()
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name`, created if missing. Call it from the driver before any trial starts."""
+    uri = resolve_tracking_uri(uri)
+    mlflow_client = client(uri)
+    existing = mlflow_client.get_experiment_by_name(name)
+    if existing is None:
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        except MlflowException:
+            # Another process created it between our lookup and our create.
+            existing = mlflow_client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+    if existing.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"MLflow experiment {name!r} (id {existing.experiment_id}) at {uri} is deleted; restore it "
+            "(`mlflow experiments restore`), purge it (`mlflow gc`), or choose another name"
+        )
+    return existing.experiment_id
+
+
+def search_all_runs(mlflow_client: MlflowClient, experiment_ids: list[str], filter_string: str = "",
+                    order_by: list[str] | None = None) -> list:
+    """Every run matching `filter_string`, page by page (`search_runs` returns at most one page per call)."""
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs(experiment_ids, filter_string, order_by=order_by, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs

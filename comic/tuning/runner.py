@@ -1,0 +1,154 @@
+"""Running a Tune experiment of COMIC trials: configs made ready for trials, the Tuner's run config, fit or restore,
+and `run_configs` (a plain grid: every config once, no search, no early stopping; the ablations' Ray backend).
+
+The driver does what trials must not each do: it resolves the MLflow tracking URI and the data paths to absolute ones
+(Tune changes every trial's working directory), creates the MLflow experiment (SQLite's schema set-up races between
+processes), builds each benchmark once, and opens the parent run; trials are child runs of it. A trial that errors for
+good (after `max_failures` restarts) is a result, not a crash: its run is FAILED, and `run_configs` returns `{}` for
+it (logged at ERROR level).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from comic._io import stable_hash
+from comic.config import Config, absolute_paths, apply_overrides, to_dict
+from comic.data.build import ensure_benchmark
+from comic.tracking.store import ensure_experiment, resolve_tracking_uri
+from comic.tuning.callbacks import Progress, RunStates
+from comic.tuning.cluster import (
+    Resources,
+    TuneError,
+    TuneInterrupted,
+    absolute_storage,
+    check_cluster_storage,
+    connect_ray,
+    experiment_path,
+)
+from comic.tuning.trial import TrialJob, comic_trial
+
+log = logging.getLogger(__name__)
+
+METRIC = "val/map"
+MODE = "max"
+
+
+def prepare_configs(configs: Sequence[Config]) -> list[Config]:
+    """Copies ready for trials: absolute data paths (trials run in other directories), no progress bars, and each
+    distinct benchmark built here once, before any trial starts (trials find it by its content hash)."""
+    built: set[str] = set()
+    out = []
+    for cfg in configs:
+        ready = absolute_paths(apply_overrides(cfg, {"engine.progress": False}))
+        key = stable_hash(to_dict(ready)["data"])
+        if key not in built:
+            ensure_benchmark(ready.data)
+            built.add(key)
+        out.append(ready)
+    return out
+
+
+def make_run_config(name: str, storage_path: str, max_failures: int, callbacks: Sequence[Any]) -> tune.RunConfig:
+    """Tune's run config: no console tables (our `Progress` lines instead), restarts, one checkpoint kept."""
+    return tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=list(callbacks),
+                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
+def trial_trainable(job: TrialJob, resources: Resources) -> Any:
+    """`comic_trial` with the job shipped once through the object store and the per-trial resources."""
+    return tune.with_resources(tune.with_parameters(comic_trial, job=job), resources.as_ray())
+
+
+def fit_tuner(path: str, trainable: Any, make_tuner: Callable[[], tune.Tuner], *, expected: int, resume: bool,
+              resume_errored: bool) -> tune.ResultGrid:
+    """Fit a new Tuner, or restore the one at `path` (finished trials are kept, never re-run); `make_tuner()` builds
+    a new one. A new run refuses an existing experiment: Tune would mix two runs in one directory. Fewer than
+    `expected` ended trials afterwards means Tune was interrupted (it returns normally then)."""
+    exists = tune.Tuner.can_restore(path)
+    if exists and not resume:
+        raise TuneError(f"a Tune experiment already exists at {path}: resume it (--resume / resume=True) or choose "
+                        "another name (--name)")
+    if exists:
+        log.info("resuming the Tune experiment at %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=resume_errored)
+    else:
+        tuner = make_tuner()
+    grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < expected:
+        raise TuneInterrupted(path)
+    return grid
+
+
+def run_configs(configs: list[Config], *, names: list[str], storage_path: str, name: str, tracking_uri: str,
+                experiment: str, parent_run_id: str | None, resources: Resources, max_failures: int = 1,
+                resume: bool = False, tags: list[dict[str, str]] | None = None, shared_storage: bool = False,
+                callbacks: Sequence[Any] = ()) -> list[dict[str, float]]:
+    """Run every config once as a Tune trial (a grid, no search, no early stopping), each a child MLflow run.
+
+    Trial i is MLflow run `names[i]` under `parent_run_id` with extra `tags[i]`. A crashed trial restarts from its
+    last epoch checkpoint up to `max_failures` times. `resume=True` continues the Tune experiment
+    `storage_path/name` if there is one (finished trials are kept; errored ones resume from their last
+    checkpoint) and starts it otherwise; `resume=False` refuses an existing one. Returns each config's final
+    metrics (`FitResult.metrics`, with best/...) in input order; `{}` for a trial that errored for good (logged at
+    ERROR level; its run is FAILED). Raises TuneInterrupted when the run was interrupted (resume to continue).
+    `callbacks`: extra Tune callbacks (on the driver).
+    """
+    if len(names) != len(configs) or (tags is not None and len(tags) != len(configs)):
+        raise ValueError(f"{len(configs)} configs need as many names ({len(names)}) and tags "
+                         f"({'none' if tags is None else len(tags)})")
+    connect_ray()
+    uri, storage = resolve_tracking_uri(tracking_uri), absolute_storage(storage_path)
+    check_cluster_storage(storage, uri, shared_storage)
+    ensure_experiment(uri, experiment)
+    job = TrialJob(uri, experiment, parent_run_id, "grid", cells=tuple(to_dict(c) for c in prepare_configs(configs)),
+                   names=tuple(names), tags=tuple(dict(t) for t in tags or ()))
+    trainable = trial_trainable(job, resources)
+    all_callbacks = [RunStates(job), Progress(job, METRIC), *callbacks]
+
+    def make_tuner() -> Any:
+        return tune.Tuner(trainable, param_space={"cell": tune.grid_search(list(range(len(configs))))},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent or None,
+                                                      trial_name_creator=_CellName(tuple(names))),
+                          run_config=make_run_config(name, storage, max_failures, all_callbacks))
+
+    grid = fit_tuner(experiment_path(storage, name), trainable, make_tuner, expected=len(configs), resume=resume,
+                     resume_errored=True)
+    if len(grid) != len(configs):
+        raise TuneError(f"the Tune experiment {experiment_path(storage, name)} holds {len(grid)} trials, not "
+                        f"{len(configs)}: resume it with the configs it was started with, or choose another name")
+    return _metrics_by_cell(grid, names)
+
+
+@dataclass(frozen=True)
+class _CellName:
+    """Tune trial name = the caller's name of the cell (a class, not a lambda: Tune pickles it with the run)."""
+
+    names: tuple[str, ...]
+
+    def __call__(self, trial: Any) -> str:
+        return self.names[int(trial.config["cell"])]
+
+
+def fit_metrics(result_metrics: Mapping[str, Any]) -> dict[str, float]:
+    """fit's metrics from a Tune result: `epoch` and the flat `a/b` names, without Tune's own bookkeeping keys."""
+    return {k: float(v) for k, v in result_metrics.items()
+            if (k == "epoch" or "/" in k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _metrics_by_cell(grid: Any, names: Sequence[str]) -> list[dict[str, float]]:
+    out: list[dict[str, float]] = [{} for _ in names]
+    for result in grid:
+        cell = int(result.config["cell"])
+        if result.error is not None:
+            lines = str(result.error).strip().splitlines() or ["(no error text)"]
+            log.error("trial %s errored for good: %s", names[cell], lines[-1])
+            continue
+        out[cell] = fit_metrics(result.metrics)
+    return out

@@ -1,0 +1,253 @@
+"""The hyperparameter sweep: Optuna (TPE, seeded; the paper's defaults first) + ASHA on `val/map` per epoch under one
+MLflow parent run, then optionally the confirmation of the top K configurations over a list of seeds.
+
+The sweep stores its settings and parent run id beside Tune's state (`comic_sweep.json`, on S3 too), so `resume`
+needs only the storage path and the name. The trial table, plots and the best configuration: `comic.tuning.results`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pyarrow import fs
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from comic.config import Config, apply_overrides, from_dict, to_dict
+from comic.tracking.client import RunTracker
+from comic.tracking.provenance import run_tags
+from comic.tracking.store import ensure_experiment, resolve_tracking_uri
+from comic.tuning import results
+from comic.tuning.callbacks import Progress, RunStates
+from comic.tuning.cluster import (
+    Resources,
+    TuneError,
+    absolute_storage,
+    check_cluster_storage,
+    connect_ray,
+    experiment_path,
+    is_remote_path,
+)
+from comic.tuning.runner import METRIC, MODE, fit_tuner, make_run_config, prepare_configs, run_configs, trial_trainable
+from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, parse_space
+from comic.tuning.trial import SweepTrialName, TrialJob
+
+STATE_FILE = "comic_sweep.json"
+
+
+@dataclass
+class SweepSpec:
+    """A TPE + ASHA sweep: the base config, the space, the budget and where it runs and logs."""
+
+    base: Config
+    space: dict[str, Dimension] = field(default_factory=lambda: parse_space(DEFAULT_SPACE))
+    num_samples: int = 12
+    seed: int = 0
+    grace_period: int = 2
+    reduction_factor: int = 2
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 1
+    storage_path: str = ""
+    name: str = ""
+    tracking_uri: str | None = None
+    experiment: str = "comic-sweep"
+    shared_storage: bool = False
+    confirm_top: int = 0
+    confirm_seeds: tuple[int, ...] = (0, 1, 2)
+
+    def check(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("grace_period must be >= 1 and reduction_factor >= 2")
+        seeds = list(self.confirm_seeds)
+        if self.confirm_top < 0 or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError("confirm_top must be >= 0 and the confirmation seeds distinct non-negative integers")
+
+    @property
+    def path(self) -> str:
+        """The Tune experiment directory of this sweep."""
+        return experiment_path(self.storage_path, self.name)
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep leaves: one row per trial, the best one, and the confirmation summary (if asked)."""
+
+    name: str
+    experiment_path: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    trials: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    best_config: Config | None
+    best_config_path: str | None = None
+    confirm: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _resolve(spec: SweepSpec) -> SweepSpec:
+    spec.check()
+    name = spec.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    return replace(spec, name=name, storage_path=absolute_storage(spec.storage_path),
+                   tracking_uri=resolve_tracking_uri(spec.tracking_uri))
+
+
+def _save_state(spec: SweepSpec, parent_run_id: str) -> None:
+    """The sweep's settings and parent run next to Tune's state (on S3 too): `resume` needs only the path."""
+    state = {"parent_run_id": parent_run_id, "tracking_uri": spec.tracking_uri, "experiment": spec.experiment,
+             "base": to_dict(spec.base), "space": {k: d.describe() for k, d in spec.space.items()},
+             "num_samples": spec.num_samples, "seed": spec.seed, "grace_period": spec.grace_period,
+             "reduction_factor": spec.reduction_factor, "max_failures": spec.max_failures,
+             "resources": vars(spec.resources), "shared_storage": spec.shared_storage}
+    filesystem, path = fs.FileSystem.from_uri(spec.path)
+    filesystem.create_dir(path, recursive=True)
+    with filesystem.open_output_stream(f"{path}/{STATE_FILE}") as out:
+        out.write(json.dumps(state, indent=2, default=str).encode())
+
+
+def load_sweep(storage_path: str | None, name: str | None = None) -> tuple[SweepSpec, str]:
+    """The saved spec and parent run id of sweep `name` (default: the latest one in a local storage path)."""
+    storage = absolute_storage(storage_path)
+    name = name or _latest_sweep(storage)
+    filesystem, path = fs.FileSystem.from_uri(f"{experiment_path(storage, name)}/{STATE_FILE}")
+    try:
+        with filesystem.open_input_stream(path) as fh:
+            state = json.loads(fh.read().decode())
+    except FileNotFoundError as err:
+        raise TuneError(f"no sweep to resume at {experiment_path(storage, name)} (no {STATE_FILE}); check "
+                        "--storage-path and --name") from err
+    spec = SweepSpec(base=from_dict(state["base"]), space=parse_space(state["space"]),
+                     num_samples=state["num_samples"], seed=state["seed"], grace_period=state["grace_period"],
+                     reduction_factor=state["reduction_factor"], resources=Resources(**state["resources"]),
+                     max_failures=state["max_failures"], storage_path=storage, name=name,
+                     tracking_uri=state["tracking_uri"], experiment=state["experiment"],
+                     shared_storage=state["shared_storage"])
+    return spec, state["parent_run_id"]
+
+
+def _latest_sweep(storage: str) -> str:
+    if is_remote_path(storage):
+        raise TuneError(f"give the sweep's --name to resume it from {storage}")
+    found = sorted(Path(storage).glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise TuneError(f"no sweep to resume in {storage}; check --storage-path")
+    return found[-1].parent.name
+
+
+def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> SweepResult:
+    """Run (or with `resume`, continue) an Optuna TPE + ASHA sweep under one MLflow parent run; then, if
+    `spec.confirm_top`, rerun the best configs over `spec.confirm_seeds` without early stopping.
+
+    Connects to Ray first if needed (see `connect_ray`). Raises TuneInterrupted when stopped before the end
+    (the parent run ends KILLED; `resume=True` with the same storage path and name continues it).
+    """
+    spec = _resolve(spec)
+    connect_ray()
+    check_cluster_storage(spec.storage_path, spec.tracking_uri, spec.shared_storage)
+    parent_id = _parent_for(spec, resume)
+    spec = replace(spec, base=prepare_configs([spec.base])[0])
+    ensure_experiment(spec.tracking_uri, spec.experiment)
+    tags = run_tags({"sweep.name": spec.name, "sweep.path": spec.path, "sweep.kind": "optuna-tpe+asha"})
+    with RunTracker(spec.tracking_uri, spec.experiment, run_name=spec.name, run_id=parent_id, tags=tags) as parent:
+        if parent_id is None:
+            _save_state(spec, parent.run_id)
+        results.log_inputs(parent, _settings(spec), spec.space, spec.base)
+        grid = _search(spec, parent.run_id, resume, callbacks)
+        rows = results.trial_rows(grid, spec.space, spec.base.train.epochs)
+        best = results.best_row(grid, rows)
+        best_config = apply_overrides(spec.base, {k: best[k] for k in spec.space}) if best else None
+        results.log_results(parent, spec.space, rows, best, best_config)
+        best_path = _save_best(spec, best_config) if best_config else None
+        confirm = _confirm(spec, rows, parent) if spec.confirm_top else []
+    return SweepResult(spec.name, spec.path, spec.tracking_uri, spec.experiment, parent.run_id, rows, best,
+                       best_config, best_path, confirm)
+
+
+def _settings(spec: SweepSpec) -> dict[str, Any]:
+    return {"metric": f"{METRIC} ({MODE})", "num_samples": spec.num_samples, "seed": spec.seed,
+            "max_t": spec.base.train.epochs, "grace_period": spec.grace_period,
+            "reduction_factor": spec.reduction_factor, "cpus_per_trial": spec.resources.cpus_per_trial,
+            "gpus_per_trial": spec.resources.gpus_per_trial, "max_concurrent": spec.resources.max_concurrent,
+            "max_failures": spec.max_failures}
+
+
+def _save_best(spec: SweepSpec, best_config: Config) -> str:
+    """The best configuration, in full, beside the sweep's Tune state: `train.py --config` takes it as is."""
+    path = f"{spec.path}/best_config.yaml"
+    filesystem, fs_path = fs.FileSystem.from_uri(path)
+    with filesystem.open_output_stream(fs_path) as out:
+        out.write(yaml.safe_dump(to_dict(best_config), sort_keys=False).encode())
+    return path
+
+
+def _parent_for(spec: SweepSpec, resume: bool) -> str | None:
+    """The parent run id to reattach on resume; a new sweep must not reuse an existing experiment directory."""
+    filesystem, state = fs.FileSystem.from_uri(f"{spec.path}/{STATE_FILE}")
+    saved = filesystem.get_file_info(state).type.name != "NotFound"
+    if resume:
+        if not saved:
+            raise TuneError(f"nothing to resume at {spec.path}; run without --resume to start this sweep")
+        return load_sweep(spec.storage_path, spec.name)[1]
+    if saved or tune.Tuner.can_restore(spec.path):
+        raise TuneError(f"sweep {spec.name!r} already exists at {spec.path}: add --resume to continue it, or pick "
+                        "another --name")
+    return None
+
+
+def _search(spec: SweepSpec, parent_run_id: str, resume: bool, callbacks: Sequence[Any]) -> tune.ResultGrid:
+    job = TrialJob(spec.tracking_uri, spec.experiment, parent_run_id, "search", base=to_dict(spec.base))
+    trainable = trial_trainable(job, spec.resources)
+    point = default_point(spec.space, spec.base)
+    epochs = spec.base.train.epochs
+    all_callbacks = [RunStates(job), Progress(job, METRIC, tuple(spec.space)), *callbacks]
+
+    def make_tuner() -> tune.Tuner:
+        searcher = OptunaSearch(points_to_evaluate=[point] if point else None, seed=spec.seed)
+        # The epoch is ASHA's clock; a trial that reaches its last epoch is never stopped there (stop_last_trials).
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(spec.grace_period, epochs),
+                                  reduction_factor=spec.reduction_factor, stop_last_trials=False)
+        config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                 num_samples=spec.num_samples, trial_name_creator=SweepTrialName(),
+                                 max_concurrent_trials=spec.resources.max_concurrent or None)
+        return tune.Tuner(trainable, param_space={k: d.to_tune() for k, d in spec.space.items()}, tune_config=config,
+                          run_config=make_run_config(spec.name, spec.storage_path, spec.max_failures, all_callbacks))
+
+    # An errored search trial is a result of its hyperparameters (e.g. divergence): resume does not retry it.
+    return fit_tuner(spec.path, trainable, make_tuner, expected=spec.num_samples, resume=resume,
+                     resume_errored=False)
+
+
+def _confirm(spec: SweepSpec, rows: list[dict[str, Any]], parent: RunTracker) -> list[dict[str, Any]]:
+    """Rerun the top `confirm_top` configs over `confirm_seeds` (no early stopping) and summarize them."""
+    ranked = sorted((r for r in rows if r["state"] != "errored" and math.isfinite(r[METRIC])),
+                    key=lambda r: -r[METRIC])[:spec.confirm_top]
+    configs, names, tags, ranks = [], [], [], []
+    for rank, row in enumerate(ranked, 1):
+        for seed in spec.confirm_seeds:
+            configs.append(apply_overrides(spec.base, {k: row[k] for k in spec.space} | {"seed": seed}))
+            names.append(f"top{rank}-seed{seed}")
+            tags.append({"confirm.rank": str(rank), "confirm.source_trial": row["trial"], "sweep.phase": "confirm"})
+            ranks.append(rank)
+    parent.set_tags({"confirm.top": str(spec.confirm_top), "confirm.seeds": " ".join(map(str, spec.confirm_seeds))})
+    metrics = run_configs(configs, names=names, storage_path=spec.storage_path, name=confirm_name(spec),
+                          tracking_uri=spec.tracking_uri, experiment=spec.experiment, parent_run_id=parent.run_id,
+                          resources=spec.resources, max_failures=spec.max_failures, resume=True, tags=tags,
+                          shared_storage=spec.shared_storage)
+    summary = results.summarize_confirm(ranked, ranks, metrics, spec.space)
+    results.log_confirm(parent, summary, spec.space)
+    return summary
+
+
+def confirm_name(spec: SweepSpec) -> str:
+    """The confirmation's Tune experiment: its settings are in the name, so a resume with other ones starts a new
+    confirmation instead of mixing them."""
+    return f"{spec.name}-confirm-top{spec.confirm_top}-seeds{'-'.join(map(str, spec.confirm_seeds))}"
