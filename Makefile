@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(PY) experiments/sweep.py
+	$(PY) experiments/sweep.py $(DEMO_ARGS)
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q

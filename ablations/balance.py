@@ -16,7 +16,9 @@ attention's dropout draws from the generator the data augmentation also uses); t
 balanced model's.
 Columns, all at the epoch with the best validation mAP: the balanced model's total / many / medium / few mAP and
 the head and tail models' total mAP (their e-adjusted logits z_hat, Table 1's Head / Tail rows).
-The figure (Fig. 6a/b) shows test mAP per epoch of the three models, mean ± std over seeds, separate vs joint.
+The figure (Fig. 6a/b) shows validation mAP per epoch of the three models, mean ± std over seeds, separate vs
+joint (the paper draws test mAP; the test set is evaluated only at improving epochs, train.test_every_epoch=true
+evaluates it every epoch).
 
 Examples:
   python ablations/balance.py                                      # synthetic benchmark, seeds 0 1 2, CPU
@@ -52,7 +54,7 @@ SPEC = AblationSpec(
     figure=curves_figure(
         "Fig. 6: separate vs joint training",
         {"(a) separate training": "separate", "(b) joint training": JOINT},
-        {"head": "test/head/map", "balanced": "test/map", "tail": "test/tail/map"},
+        {"head": "val/head/map", "balanced": "val/map", "tail": "val/tail/map"},
     ),
     smoke_variants=(JOINT, "separate", "-NC"),
     paper=PaperTable(

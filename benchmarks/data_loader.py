@@ -26,7 +26,7 @@ from comic.data.reader import load_benchmark
 from comic.data.sources import BuildParams, coco_root_source
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=320, help="training images (default 320)")
     parser.add_argument("--source-size", type=int, default=480, help="side of the generated JPEGs (default 480)")
@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--dir", help="work folder to keep (default: a temporary folder, removed at the end)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, one round: checks the script runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke_test:
         args.images, args.source_size, args.image_size, args.batch_size, args.rounds = 48, 160, 64, 16, 1
     return args
@@ -80,8 +80,8 @@ def run(work: Path, args: argparse.Namespace) -> None:
     print(f"  ratio  : {cache / decode:8.2f}x  (target >= 3x)")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,13 @@ import torch
 from comic.config import load_config
 from comic.device import setup_runtime, synchronize
 from comic.engine import build_optimizer, make_train_step
-from comic.losses import ComicCriterion, StepState
+from comic.losses import ComicCriterion
 from comic.models import ComicNet
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet50", choices=["resnet50", "resnet18", "tiny"])
+    parser.add_argument("--backbone", default="resnet50", help="any torchvision classification model, or tiny")
     parser.add_argument("--profile", default="finetune", choices=["finetune", "released"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=["none", "default", "reduce-overhead"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--smoke-test", action="store_true", help="tiny backbone, 32 px, CPU, eager only")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def measure(mode: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -51,24 +51,24 @@ def measure(mode: str, args: argparse.Namespace) -> tuple[float, float]:
     criterion = ComicCriterion.from_config(cfg, counts).to(rt.device)
     optimizer, _ = build_optimizer(model, cfg)
     step = make_train_step(model, criterion, optimizer, cfg, rt)
-    images = rt.images_to_device(torch.randn(args.batch, 3, args.size, args.size))
+    images = rt.inputs_to_device(torch.randn(args.batch, 3, args.size, args.size))
     observed = (torch.rand(args.batch, args.classes) < 0.05).float().to(rt.device)
     model.train()
     criterion.start_epoch(1)
     start = time.perf_counter()
-    for i in range(args.warmup):
-        step(images, observed, StepState(epoch=1, step=i))
+    for _ in range(args.warmup):
+        step(images, observed)
     synchronize(rt)
     warm = time.perf_counter() - start
     start = time.perf_counter()
-    for i in range(args.steps):
-        step(images, observed, StepState(epoch=1, step=i))
+    for _ in range(args.steps):
+        step(images, observed)
     synchronize(rt)
     return args.batch * args.steps / (time.perf_counter() - start), warm
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.smoke_test:
         args.backbone, args.size, args.batch, args.steps, args.warmup = "tiny", 32, 8, 3, 1
         args.modes, args.device = ["none"], "cpu"

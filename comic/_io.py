@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 HASH_LENGTH = 16  # hex digits of a stable hash: 64 bits, ample for names of runs, cells and caches
 
 
+class UserError(Exception):
+    """Something the user can fix (a bad flag, key, file or folder): scripts print its message as one `error:` line,
+    never a traceback. Every such error of the library derives from it."""
+
+
 def stable_hash(obj: Any, length: int = HASH_LENGTH) -> str:
     """sha256 hex digest (first `length` digits) of `obj` as canonical JSON: sorted keys, str() for other types."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

@@ -11,9 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from comic._io import UserError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "state.pt"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read, or one of another run; the message names the file and the way out."""
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -35,7 +41,8 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"checkpoint {path} could not be read ({err}); delete it to start the run afresh") from err
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: {err}); delete it to "
+                              "start the run afresh") from err
 
 
 def rng_state() -> dict[str, Any]:

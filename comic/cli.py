@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from comic._io import absolute_path
-from comic.config import PRESETS, SMOKE_OVERRIDES, Config, apply_overrides, describe, load_config
+from comic.config import Config, ConfigError, apply_overrides, describe, load_config
+from comic.data.build import adopt_built
+from comic.presets import PRESETS, SMOKE_OVERRIDES
 
 
 def config_flags(smoke_help: str = "tiny synthetic data, 2 epochs, CPU: seconds") -> argparse.ArgumentParser:
@@ -84,7 +87,8 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) ->
 
 def base_config(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> Config:
     """preset -> --config file -> smoke-test overrides -> `extra` (a script's own defaults) -> positional overrides
-    -> --epochs / --data. Raises ConfigError naming the bad key."""
+    -> --epochs / --data; with --data naming a built benchmark, its card's data.* values (`adopt_built`). Raises
+    ConfigError naming the bad key or flag."""
     cfg = load_config(args.preset, {}, path=args.config)
     if args.smoke_test:
         cfg = apply_overrides(cfg, SMOKE_OVERRIDES)
@@ -94,8 +98,11 @@ def base_config(args: argparse.Namespace, extra: Mapping[str, Any] | None = None
     if getattr(args, "epochs", None) is not None:
         flags["train.epochs"] = args.epochs
     if args.data:
+        if not Path(args.data).expanduser().exists():
+            raise ConfigError(f"--data {args.data}: folder not found")
         flags["data.root"] = str(absolute_path(args.data))
-    return apply_overrides(cfg, flags)
+    explicit = {item.split("=", 1)[0].strip() for item in args.overrides}
+    return adopt_built(apply_overrides(cfg, flags), explicit)
 
 
 def list_keys(args: argparse.Namespace) -> str:

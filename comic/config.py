@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from comic._io import absolute_path, stable_hash
+from comic._io import UserError, absolute_path, stable_hash
+from comic.presets import PRESETS
 
 Check = Callable[[Any], str | None]
 
@@ -61,10 +62,13 @@ NONNEG_INT = _interval(0)
 
 @dataclass
 class DataConfig:
-    benchmark: str = _spec("synthetic", _one_of("synthetic", "plt-voc", "plt-coco", "coco-format"),
+    benchmark: str = _spec("synthetic", _one_of("synthetic", "plt-voc", "plt-coco", "coco-format", "voc"),
                            "which benchmark to build or read")
     root: str = _spec("", None, "source data: VOC devkit / COCO root / COCO-format root, or a built benchmark "
                                 "directory holding card.json (empty: the synthetic source is generated)")
+    voc_year: int = _spec(2007, _interval(2007, 2012), "benchmark voc: the VOC<year> folder of the devkit")
+    voc_train_set: str = _spec("trainval", None, "benchmark voc: ImageSets/Main set of the train pool")
+    voc_test_set: str = _spec("test", None, "benchmark voc: ImageSets/Main set of the test images")
     cache_dir: str = _spec("comic_data", None, "where built benchmarks and image caches are kept")
     longtail: str = _spec("pareto", _one_of("pareto", "none"), "Pareto long-tail subsampling or keep the source")
     max_count: int = _spec(1400, POS_INT, "Pareto sampler: images of the largest class")
@@ -76,6 +80,7 @@ class DataConfig:
     image_size: int = _spec(224, _interval(16), "training crop / evaluation crop side")
     crop_scale_min: float = _spec(0.08, _interval(0, 1, lo_open=True), "RandomResizedCrop: smallest crop area fraction")
     num_workers: int = _spec(2, NONNEG_INT, "DataLoader worker processes")
+    feature_views: int = _spec(4, POS_INT, "profile frozen: augmented views per training image in the feature cache")
     skip_bad_images: bool = _spec(False, None, "skip (and count) missing or corrupt images instead of failing")
     synthetic_images: int = _spec(1200, _interval(8), "synthetic source: number of train-pool images")
     synthetic_test_images: int = _spec(400, _interval(8), "synthetic source: number of test images")
@@ -84,10 +89,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _spec("resnet50", _one_of("resnet50", "resnet18", "tiny"), "feature extractor trunk")
+    backbone: str = _spec("resnet50", None, "trunk: any torchvision classification model (resnet50, mobilenet_v2, "
+                                          "convnext_tiny, ...) or 'tiny' (a small CNN for CPU demos)")
     weights: str = _spec("imagenet", None, "'none', 'imagenet' or a path to a state dict file")
-    profile: str = _spec("released", _one_of("released", "finetune"),
-                         "released: frozen trunk + trainable feature layer; finetune: everything trains")
+    profile: str = _spec("released", _one_of("released", "finetune", "frozen"),
+                         "released: one frozen trunk (train-mode BatchNorm) shared by the models + trainable feature "
+                         "layers; finetune: everything trains; frozen: trunk features cached once (eval-mode "
+                         "BatchNorm), only the heads train")
     feat_dim: int = _spec(1024, POS_INT, "feature layer width (paper: 1024)")
     log_softmax_feature: bool = _spec(True, None, "LogSoftmax on the feature (released code, profile R)")
     normalized_classifier: bool = _spec(True, None, "Eq. 9 normalized classifier (NC); off: plain linear")
@@ -138,7 +146,12 @@ class RLCConfig:
 class HTBConfig:
     enabled: bool = _spec(True, None, "Head-Tail Balancer distillation (Eq. 11)")
     alpha: float = _spec(2.0, POS, "exponent of the kappa weights")
-    variant: str = _spec("kd", _one_of("kd", "literal"), "kd: soft-target distillation; literal: released code")
+    variant: str = _spec("kd", _one_of("kd", "mfm", "literal"), "distillation D: kd (soft-target BCE), mfm (the soft "
+                                                                "targets through the classification loss), literal "
+                                                                "(released code)")
+    kappa: str = _spec("paper", _one_of("paper", "inverse", "per-sample", "head", "tail"),
+                       "teacher weights: paper (the higher-loss teacher weighs more), inverse, per-sample, head / "
+                       "tail (one teacher)")
 
 
 @dataclass
@@ -171,6 +184,8 @@ class TrainConfig:
     epochs: int = _spec(40, POS_INT, "training epochs")
     batch_size: int = _spec(32, POS_INT, "images per step (the last partial batch is dropped)")
     log_interval: int = _spec(20, POS_INT, "steps between reads of the on-device metric accumulators")
+    test_every_epoch: bool = _spec(False, None, "evaluate the test set every epoch (curves); by default only when "
+                                                "val/map improves: the best-on-val test metrics are the same")
 
 
 @dataclass
@@ -180,7 +195,8 @@ class EngineConfig:
     compile: str = _spec("none", _one_of("none", "default", "reduce-overhead"), "torch.compile mode")
     channels_last: bool = _spec(True, None, "channels_last memory format on CUDA")
     deterministic: bool = _spec(False, None, "deterministic algorithms (exact resume on CPU)")
-    threads: int = _spec(0, NONNEG_INT, "torch CPU threads; 0 keeps torch's default")
+    threads: int = _spec(0, NONNEG_INT, "torch CPU threads; 0: the CPUs this process owns (a Ray trial's CPUs, the "
+                                        "affinity / cgroup limit) less the DataLoader workers")
     progress: bool = _spec(True, None, "progress bars (off inside Ray trials)")
 
 
@@ -199,42 +215,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Embedded default: generated data, tiny CNN, CPU-sized; the whole pipeline in minutes.
-    "synthetic": {
-        "data.benchmark": "synthetic", "data.longtail": "pareto", "data.max_count": 800, "data.pareto_b": 6.0,
-        "data.val_size": 400, "data.image_size": 64, "data.crop_scale_min": 0.5, "data.num_workers": 0,
-        "data.synthetic_images": 3000,
-        "model.backbone": "tiny", "model.weights": "none", "model.profile": "finetune", "model.feat_dim": 128,
-        "model.log_softmax_feature": False, "model.label_embeddings": "random",
-        # A CNN trained from scratch needs larger steps than the paper's pretrained ResNet-50 (1e-4 / 1e-3).
-        "optim.lr_trunk": 3e-3, "optim.lr_feature": 3e-3, "optim.lr_classifier": 3e-3,
-        "optim.step_head": 24, "optim.step_tail": 18,
-        "optim.step_balanced_feature": 18, "optim.step_balanced_other": 24,
-        "train.epochs": 30, "train.batch_size": 32, "train.log_interval": 10,
-    },
-    # PLT-VOC (max 1400, b 12) with the released per-model decays for VOC (head 12, tail 24).
-    "plt-voc": {
-        "data.benchmark": "plt-voc", "data.max_count": 1400, "data.pareto_b": 12.0,
-        "optim.step_head": 12, "optim.step_tail": 24,
-    },
-    # PLT-COCO (max 1400, b 10) with the released per-model decays for COCO (head 24, tail 12).
-    "plt-coco": {
-        "data.benchmark": "plt-coco", "data.max_count": 1400, "data.pareto_b": 10.0,
-        "optim.step_head": 24, "optim.step_tail": 12,
-    },
-}
-
-# Every script's `--smoke-test` (and the test suite): the synthetic pipeline shrunk to seconds on a CPU.
-SMOKE_OVERRIDES: dict[str, Any] = {
-    "data.benchmark": "synthetic", "data.synthetic_images": 160, "data.synthetic_test_images": 64,
-    "data.val_size": 32, "data.max_count": 60, "data.image_size": 32, "data.num_workers": 0,
-    "model.backbone": "tiny", "model.weights": "none", "model.feat_dim": 32,
-    "train.epochs": 2, "train.batch_size": 16, "engine.device": "cpu",
-}
-
-
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad key or value in a configuration or override."""
 
 
@@ -423,7 +404,7 @@ def from_dict(tree: Mapping[str, Any]) -> Config:
 # which device and kernels, progress and logging cadence. A run's identity leaves them out.
 EXECUTION_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "engine.device", "engine.compile",
                   "engine.channels_last", "engine.deterministic", "engine.threads", "engine.progress",
-                  "train.log_interval")
+                  "train.log_interval", "train.test_every_epoch")
 # Keys a resumed run may change as well: a longer schedule, another autocast precision.
 RESUME_KEYS = ("train.epochs", "engine.amp")
 

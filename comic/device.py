@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import random
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from comic.config import EngineConfig
+
+log = logging.getLogger(__name__)
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,12 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """images: [B, 3, H, W] -> on the device, channels_last on CUDA (faster convolutions with bf16)."""
-        images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+    def inputs_to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] (channels_last on CUDA: faster convolutions with bf16) or features [B, D] -> device."""
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.channels_last and inputs.dim() == 4:
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
 
 
 def device_name(device: torch.device) -> str:
@@ -50,10 +58,44 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup_runtime(cfg: EngineConfig, seed: int) -> Runtime:
-    """Seed every RNG, apply threads/determinism, and pick device and precision."""
+def owned_cpus() -> tuple[int, str]:
+    """How many CPUs this process may use, and why: a Ray trial's CPUs (Ray sets OMP_NUM_THREADS to them), else the
+    smaller of the CPU affinity and a cgroup quota (containers)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"])), "OMP_NUM_THREADS (a Ray trial's CPUs)"
+    cpus, why = len(os.sched_getaffinity(0)), "the CPU affinity"
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max" and math.ceil(int(quota) / int(period)) < cpus:
+            cpus, why = math.ceil(int(quota) / int(period)), "the cgroup CPU quota"
+    except (OSError, ValueError):  # no cgroup v2 limit here
+        pass
+    return cpus, why
+
+
+def set_threads(cfg: EngineConfig, workers: int) -> int:
+    """torch's CPU threads: `engine.threads`, or (0) the CPUs this process owns less its DataLoader workers, so that
+    two processes on a small machine do not oversubscribe it (torch's default takes every core). Logged."""
     if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+        threads, why = cfg.threads, "engine.threads"
+    else:
+        cpus, source = owned_cpus()
+        threads, why = max(1, cpus - workers), f"{cpus} CPUs from {source}, less {workers} DataLoader workers"
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (%s)", threads, why)
+    return threads
+
+
+def runtime(cfg: EngineConfig) -> Runtime:
+    """Device, precision and memory format of `cfg` (no side effects)."""
+    device = resolve_device(cfg.device)
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    return Runtime(device, torch.bfloat16 if amp else None, cfg.channels_last and device.type == "cuda")
+
+
+def setup_runtime(cfg: EngineConfig, seed: int, workers: int = 0) -> Runtime:
+    """Seed every RNG, apply threads (see `set_threads`) and determinism, and pick device and precision."""
+    set_threads(cfg, workers)
     if cfg.deterministic:
         # cuBLAS needs a fixed workspace for deterministic GEMMs; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -65,9 +107,7 @@ def setup_runtime(cfg: EngineConfig, seed: int) -> Runtime:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    device = resolve_device(cfg.device)
-    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    return Runtime(device, torch.bfloat16 if amp else None, cfg.channels_last and device.type == "cuda")
+    return runtime(cfg)
 
 
 def reset_peak_memory(rt: Runtime) -> None:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from comic.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from comic.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from comic.config import Config, identity_hash, to_dict
 from comic.data.build import ensure_benchmark
+from comic.data.features import build_feature_loaders, ensure_features
 from comic.data.images import build_loaders, class_aware_loader
 from comic.data.reader import Benchmark, load_benchmark
 from comic.device import Runtime, peak_memory_mb, reset_peak_memory, setup_runtime, synchronize
@@ -52,13 +53,16 @@ class RunState:
         the best epoch's so far under `best/...` (what is reported every epoch)."""
         metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: checkpoints load with weights_only
         self.epoch = int(metrics["epoch"])
-        score = metrics.get(SELECTION_METRIC, math.nan)
-        if not self.best or (not math.isnan(score) and not score <= self.best.get(SELECTION_METRIC, -math.inf)):
+        if self.improves(metrics.get(SELECTION_METRIC, math.nan)):
             self.best = dict(metrics)
             self.per_class["best"] = per_class
         self.per_class["last"] = per_class
         self.history.append(metrics | self.best_metrics())
         return self.history[-1]
+
+    def improves(self, score: float) -> bool:
+        """Whether an epoch with this val/map becomes the best one: the first epoch, or a strictly higher score."""
+        return not self.best or (not math.isnan(score) and score > self.best.get(SELECTION_METRIC, -math.inf))
 
     def best_metrics(self) -> dict[str, float]:
         """The best-on-val epoch's `epoch`, `val/*` and `test/*` metrics under `best/...`."""
@@ -73,10 +77,12 @@ class FitResult:
     history: list[dict[str, float]]
     per_class: dict[str, Any]
     workdir: Path | None
+    already_finished: bool = False  # the work directory held a finished run: nothing was trained
 
     @classmethod
-    def of(cls, run: RunState, workdir: Path | None) -> FitResult:
-        return cls(dict(run.history[-1]) if run.history else {}, run.history, run.per_class, workdir)
+    def of(cls, run: RunState, workdir: Path | None, already_finished: bool = False) -> FitResult:
+        return cls(dict(run.history[-1]) if run.history else {}, run.history, run.per_class, workdir,
+                   already_finished)
 
 
 # report(metrics, state) after each epoch's checkpoint: the epoch's flat metrics (with best/...) and the run so far.
@@ -140,7 +146,7 @@ def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criteri
     images_seen, start = 0, time.perf_counter()
     for i, (images, observed, full) in enumerate(bar):
         observed = observed.to(rt.device, non_blocking=True)
-        total, parts = step(rt.images_to_device(images), observed)
+        total, parts = step(rt.inputs_to_device(images), observed)
         losses.add(total, parts)
         if "corrected" in parts:
             corrections.add(parts["corrected"], observed, full.to(rt.device, non_blocking=True))
@@ -165,7 +171,7 @@ def predict(model: nn.Module, loader: torch.utils.data.DataLoader,
     targets = []
     for images, _, full in loader:
         with rt.autocast():
-            out = model(rt.images_to_device(images))
+            out = model(rt.inputs_to_device(images))
         for name, value in out._asdict().items():
             scores.setdefault(name, []).append(torch.sigmoid(value.float()).cpu())
         targets.append(full)
@@ -199,14 +205,26 @@ def _resume(workdir: Path | None, identity: str, objects: dict[str, Any], run: R
     if state is None:
         return
     if state.get("identity") != identity:
-        raise RuntimeError(f"{workdir} holds a checkpoint of a different run (another configuration or benchmark); "
-                           "use a new work directory or the same settings")
+        raise CheckpointError(f"{workdir} holds a checkpoint of a different run (another configuration or "
+                              "benchmark); use a new work directory or the same settings")
     for name, obj in objects.items():
         obj.load_state_dict(state[name])
     run.epoch, run.history, run.best, run.per_class = (state["run"][k] for k in ("epoch", "history", "best",
                                                                                   "per_class"))
     set_rng_state(state["rng"])
     log.info("resumed from %s after epoch %d", workdir, run.epoch)
+
+
+def finished_result(cfg: Config, workdir: str | Path) -> FitResult | None:
+    """The result of the run `cfg` that already finished in `workdir` (all its epochs checkpointed), else None."""
+    state = load_checkpoint(Path(workdir) / "checkpoint")
+    if state is None or state["run"]["epoch"] < cfg.train.epochs:
+        return None
+    bench = load_benchmark(ensure_benchmark(cfg.data))
+    if state.get("identity") != identity_hash(cfg, resumable=True, dataset=bench.digest):
+        return None
+    run = RunState(*(state["run"][k] for k in ("epoch", "history", "best", "per_class")))
+    return FitResult.of(run, Path(workdir), already_finished=True)
 
 
 def _save(workdir: Path | None, cfg: Config, identity: str, objects: dict[str, Any], run: RunState) -> None:
@@ -218,10 +236,13 @@ def _save(workdir: Path | None, cfg: Config, identity: str, objects: dict[str, A
     save_checkpoint(workdir / "checkpoint", state)
 
 
-def _per_class(bench: Benchmark, val_ap: np.ndarray, test_ap: np.ndarray, corrections: CorrectionMeter) -> dict:
+def _per_class(bench: Benchmark, val_ap: np.ndarray, test_ap: np.ndarray | None,
+               corrections: CorrectionMeter) -> dict:
+    """The epoch's per-class table; test AP is NaN at an epoch without a test pass."""
     tally = corrections.per_class()
+    test = test_ap if test_ap is not None else np.full(bench.num_classes, np.nan)
     return {"class": list(bench.class_names), "train_observed": bench.train_counts.tolist(),
-            "train_full": bench.train.full.sum(0).tolist(), "val_ap": val_ap.tolist(), "test_ap": test_ap.tolist(),
+            "train_full": bench.train.full.sum(0).tolist(), "val_ap": val_ap.tolist(), "test_ap": test.tolist(),
             "rlc_tp": tally["tp"].tolist(), "rlc_fp": tally["fp"].tolist()}
 
 
@@ -239,11 +260,19 @@ class _Setup:
 
 
 def _setup(cfg: Config) -> _Setup:
-    """Device, benchmark, loaders, method, optimizer; the run identity a checkpoint must match."""
-    rt = setup_runtime(cfg.engine, cfg.seed)
+    """Device, benchmark, loaders (of images, or profile frozen: of cached trunk features), method, optimizer; the
+    run identity a checkpoint must match."""
+    frozen = cfg.model.profile == "frozen"
+    rt = setup_runtime(cfg.engine, cfg.seed, workers=0 if frozen else cfg.data.num_workers)
     bench = load_benchmark(ensure_benchmark(cfg.data))
-    loaders = build_loaders(bench, cfg.data, cfg.train.batch_size, cfg.seed, pin_memory=rt.is_cuda)
-    method = build_method(cfg, DataStats(list(bench.class_names), bench.train_counts, bench.train.observed))
+    features = ensure_features(bench, cfg, rt) if frozen else None  # its trunk (and weights) before the pixels
+    stats = DataStats(list(bench.class_names), bench.train_counts, bench.train.observed,
+                      input_width=features.width if features else None)
+    method = build_method(cfg, stats)  # weights load here: an error comes before any image cache is built
+    if features is not None:
+        loaders = build_feature_loaders(bench, features, cfg.train.batch_size, cfg.seed)
+    else:
+        loaders = build_loaders(bench, cfg.data, cfg.train.batch_size, cfg.seed, pin_memory=rt.is_cuda)
     model, criterion = method.model.to(rt.device), method.criterion.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -253,8 +282,10 @@ def _setup(cfg: Config) -> _Setup:
     return _Setup(rt, bench, loaders, method, objects, step, identity_hash(cfg, resumable=True, dataset=bench.digest))
 
 
-def _epoch(cfg: Config, s: _Setup, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Train one epoch and evaluate on val and test: the epoch's flat metrics and its per-class table."""
+def _epoch(cfg: Config, s: _Setup, epoch: int, run: RunState) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train one epoch and evaluate on val, and on test when val/map improves (or `train.test_every_epoch`): the
+    reported best-on-val test metrics are the same, without a test pass at every epoch. Returns the epoch's flat
+    metrics and its per-class table."""
     model, criterion, optimizer = s.objects["model"], s.objects["criterion"], s.objects["optimizer"]
     train_loader = _train_loader(s.loaders, s.method.hooks.sampler(epoch), cfg.seed, epoch)
     s.method.hooks.start_epoch(epoch)
@@ -263,7 +294,9 @@ def _epoch(cfg: Config, s: _Setup, epoch: int) -> tuple[dict[str, float], dict[s
     train_metrics, corrections = train_one_epoch(s.step, train_loader, criterion, epoch, cfg, s.rt,
                                                  s.bench.num_classes)
     val, val_ap = evaluate(model, s.loaders["val"], s.rt, s.bench.train_counts, "val")
-    test, test_ap = evaluate(model, s.loaders["test"], s.rt, s.bench.train_counts, "test")
+    test, test_ap = {}, None
+    if cfg.train.test_every_epoch or run.improves(val[SELECTION_METRIC]):
+        test, test_ap = evaluate(model, s.loaders["test"], s.rt, s.bench.train_counts, "test")
     metrics |= train_metrics | val | test
     if s.bench.has_full_labels and criterion.corrects_labels:
         metrics |= corrections.summary(shot_groups(s.bench.train_counts))
@@ -282,7 +315,7 @@ def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None
     run = RunState()
     _resume(workdir, setup.identity, setup.objects, run)
     for epoch in range(run.epoch + 1, cfg.train.epochs + 1):
-        metrics = run.record(*_epoch(cfg, setup, epoch))
+        metrics = run.record(*_epoch(cfg, setup, epoch, run))
         _save(workdir, cfg, setup.identity, setup.objects, run)
         if report is not None:
             report(metrics, run)

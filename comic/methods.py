@@ -30,6 +30,7 @@ class DataStats:
     class_names: list[str]
     train_counts: np.ndarray  # [C] observed positive images per class
     train_observed: np.ndarray  # [N, C] uint8 observed training labels
+    input_width: int | None = None  # profile frozen: width D of the cached trunk features the models take
 
     @property
     def num_classes(self) -> int:
@@ -137,7 +138,8 @@ def _plain(loss_cls: type, sampler: Callable[[int], str] = _always_random, **fix
         extra = {k: v(stats) if callable(v) else v for k, v in fixed.items()}
         loss = loss_cls(**(extra | loss_kwargs(cfg, loss_cls)))
         criterion = losses.LossCriterion(loss, cfg.method.replace("-", "_"))
-        return Method(BaselineNet(cfg.model, stats.num_classes), criterion, MethodHooks(sampler=sampler))
+        return Method(BaselineNet(cfg.model, stats.num_classes, stats.input_width), criterion,
+                      MethodHooks(sampler=sampler))
 
     return build
 
@@ -148,7 +150,7 @@ def _class_aware(epoch: int) -> str:
 
 @register("comic")
 def _comic(cfg: Config, stats: DataStats) -> Method:
-    model = ComicNet(cfg.model, stats.num_classes)
+    model = ComicNet(cfg.model, stats.num_classes, stats.input_width)
     return Method(model, losses.ComicCriterion.from_config(cfg, stats.counts_tensor()))
 
 
@@ -164,8 +166,11 @@ def _register_plain_baselines() -> None:
     register("hill")(_plain(losses.Hill))
     register("splc")(_plain(losses.SPLC))
     register("pseudo-label")(_plain(losses.PseudoLabel))
-    register("db")(_plain(losses.DB, sampler=_class_aware, **counts))
-    register("db-focal")(_plain(losses.DBFocal, sampler=_class_aware, **counts))
+    # Summed like every other loss here: with Adam and coupled L2, DB's reference mean (the sum / B*C) would make
+    # weight decay B*C times stronger relative to its gradient than for the others (loss.baseline.reduction=mean
+    # restores the reference).
+    register("db")(_plain(losses.DB, sampler=_class_aware, reduction="sum", **counts))
+    register("db-focal")(_plain(losses.DBFocal, sampler=_class_aware, reduction="sum", **counts))
     prior = {"class_prior": lambda s: losses.PartialASL.prior_from_counts(s.counts_tensor(), s.num_images)}
     register("p-asl")(_plain(losses.PartialASL, **prior))
 
@@ -178,7 +183,7 @@ def _ml_gcn(cfg: Config, stats: DataStats) -> Method:
     """ML-GCN: the classifier comes from a GCN over label embeddings (`model.label_embeddings`) and the correlation
     matrix of the observed training labels (threshold 0.4, p = 0.25); loss BCE."""
     embeddings = load_label_embeddings(cfg.model.label_embeddings, stats.num_classes, seed=cfg.seed)
-    model = GCNNet(cfg.model, embeddings, correlation_matrix(stats.train_observed))
+    model = GCNNet(cfg.model, embeddings, correlation_matrix(stats.train_observed), stats.input_width)
     return Method(model, losses.LossCriterion(losses.BCE(**loss_kwargs(cfg, losses.BCE)), "bce"))
 
 
@@ -192,7 +197,8 @@ def _lws(cfg: Config, stats: DataStats) -> Method:
         raise ConfigError(f"loss.baseline.stage2_epochs={stage2}: must be in [1, train.epochs - 1] "
                           f"(train.epochs={cfg.train.epochs})")
     first = cfg.train.epochs - stage2 + 1
-    model = LWSNet(cfg.model, stats.num_classes, first, float(cfg.loss.baseline.get("scale_lr", 1e-2)))
+    model = LWSNet(cfg.model, stats.num_classes, first, float(cfg.loss.baseline.get("scale_lr", 1e-2)),
+                   stats.input_width)
     criterion = losses.LossCriterion(losses.BCE(**loss_kwargs(cfg, losses.BCE, reserved)), "bce")
     sampler = _StageSampler(first)
     return Method(model, criterion, MethodHooks(sampler=sampler, start_epoch=model.start_epoch))

@@ -32,19 +32,25 @@ the tracking URI the head's MLflow server.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import re
+import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.config import ConfigError
-from comic.tuning.cluster import Resources, TuneError, TuneInterrupted, is_remote_path, ray_session
+from comic.tuning.cluster import Resources, TuneInterrupted, is_remote_path, ray_session
 from comic.tuning.results import format_confirm, format_trials
 from comic.tuning.space import DEFAULT_SPACE, load_space, parse_space, with_learning_rate
-from comic.tuning.sweep import SweepResult, SweepSpec, load_sweep, run_sweep
+from comic.tuning.sweep import SweepResult, SweepSpec, load_sweep, resolved, run_sweep
 
 # The synthetic preset's 30-epoch schedule scaled to 10 epochs (LR steps 24/18/18/24 -> 8/6/6/8).
 DEMO_SCHEDULE = {"train.epochs": 10, "optim.step_head": 8, "optim.step_tail": 6, "optim.step_balanced_feature": 6,
@@ -74,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "s3://BUCKET/PATH, or an NFS path with --shared-storage")
     run.add_argument("--name", help="sweep name = Tune experiment and MLflow parent run (default sweep-<time>)")
     run.add_argument("--resume", action="store_true",
-                     help="continue the sweep --name (default: the latest in --storage-path) with its saved settings")
+                     help="continue the sweep --name (default: the latest in --storage-path) with its saved settings; "
+                          "errored trials resume from their last checkpoint")
+    run.add_argument("--restart-errored", action="store_true",
+                     help="with --resume: restart errored trials from scratch (e.g. a checkpoint that cannot be read)")
     run.add_argument("--metrics-out", help="write the trials, the best trial and the confirmation as JSON")
     return parse(parser, argv)
 
@@ -144,6 +153,23 @@ def resume_hint(path: str, args: argparse.Namespace) -> str:
             f"--storage-path {storage} --name {name}{confirm}")
 
 
+@contextlib.contextmanager
+def stop_gracefully_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, a killed `make demo`) stops the sweep as Ctrl-C does: inside Tune's loop it becomes Tune's
+    own graceful stop (SIGUSR1: the state is saved, running trials end KILLED), elsewhere a KeyboardInterrupt."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune is running: its handler takes it from here
+        else:
+            raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_keys:
@@ -153,19 +179,24 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("comic").setLevel(logging.INFO)
     try:
-        spec = build_spec(args)
-        spec.check()
-    except (ValueError, TuneError) as err:  # ConfigError included: a bad flag, override or space names itself
+        spec = resolved(build_spec(args))
+    except UserError as err:  # a bad flag, override or space names itself
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.restart_errored and not args.resume:
+        print("error: --restart-errored goes with --resume", file=sys.stderr)
+        return 2
     try:
-        with ray_session(args.address, args.num_cpus):
-            result = run_sweep(spec, resume=args.resume)
-    except (ConfigError, TuneError) as err:
+        with ray_session(args.address, args.num_cpus), stop_gracefully_on_sigterm():
+            result = run_sweep(spec, resume=args.resume, restart_errored=args.restart_errored)
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TuneInterrupted as stop:
         print(resume_hint(stop.path, args), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(resume_hint(spec.path, args), file=sys.stderr)
         return 130
     report(result, spec)
     if args.metrics_out:

@@ -20,8 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
+from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, tracking_flags
-from comic.config import ConfigError, absolute_paths, identity_hash
+from comic.config import absolute_paths, identity_hash
 from comic.data.build import benchmark_digest
 from comic.report.tables import run_summary
 from comic.tracking.run import tracked_fit
@@ -45,15 +46,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = absolute_paths(base_config(args))
-    except ConfigError as err:
+        return train(args)
+    except UserError as err:  # a bad flag, key, file or folder: one line that says what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = absolute_paths(base_config(args))
     default = Path("outputs") / f"{cfg.method}-{identity_hash(cfg, dataset=benchmark_digest(cfg.data))}"
     workdir = Path(args.workdir or default).resolve()
     uri = resolve_tracking_uri(args.tracking_uri)
     result, run_id = tracked_fit(cfg, tracking_uri=uri, experiment=args.experiment, workdir=workdir,
                                  run_name=args.run_name or f"{cfg.method}-seed{cfg.seed}")
+    if result.already_finished:
+        print(f"already finished: {workdir} holds this run's {int(result.metrics['epoch'])} epochs; its results "
+              "(nothing was trained; delete the work directory or pass another --workdir to train again):")
     print(run_summary(result.metrics))
     print(f"MLflow run {run_id} in {uri}\n  open the UI with: mlflow ui --backend-store-uri {uri}")
     if args.metrics_out:

@@ -26,7 +26,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smoke_overrides(tmp_path_factory) -> dict:
     """The scripts' smoke configuration with one shared data cache for the whole session (built once)."""
-    from comic.config import SMOKE_OVERRIDES
+    from comic.presets import SMOKE_OVERRIDES
 
     cache = tmp_path_factory.mktemp("comic_data")
     return SMOKE_OVERRIDES | {"data.cache_dir": str(cache), "engine.progress": False}
@@ -99,3 +99,27 @@ def restore_torch_globals():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
+
+
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture
+def offline_imagenet(shared_data, tmp_path_factory, monkeypatch):
+    """torchvision's real ImageNet MobileNetV2 file in a temporary `TORCH_HOME` hub cache, with the network cut at
+    torch.hub's download: `model.weights=imagenet` must load it from the cache."""
+    import shutil
+    import urllib.error
+
+    import torch
+
+    home = tmp_path_factory.mktemp("torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(shared_data / "weights" / MOBILENET_FILE, home / "hub" / "checkpoints" / MOBILENET_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network in tests ({url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return home / "hub" / "checkpoints" / MOBILENET_FILE

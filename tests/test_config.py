@@ -6,7 +6,6 @@ import pytest
 
 from comic.config import (
     EXECUTION_KEYS,
-    PRESETS,
     RESUME_KEYS,
     Config,
     ConfigError,
@@ -19,6 +18,7 @@ from comic.config import (
     to_dict,
     to_flat_dict,
 )
+from comic.presets import PRESETS
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -26,7 +26,8 @@ def test_presets_validate_and_round_trip(preset):
     cfg = load_config(preset)
     assert from_dict(to_dict(cfg)) == cfg
     assert from_dict(to_flat_dict(cfg)) == cfg
-    assert cfg.data.benchmark == preset if preset != "synthetic" else cfg.model.backbone == "tiny"
+    expected = {"synthetic": "synthetic", "voc2007-dev": "voc"}.get(preset, preset)
+    assert cfg.data.benchmark == expected
 
 
 def test_overrides_from_strings_and_mappings_agree():
@@ -48,7 +49,6 @@ def test_preset_values_apply_and_overrides_win():
     ("rlc.tau=1.5", "rlc.tau=1.5: must be in (0, 1)"),
     ("rlc.tau=0", "rlc.tau=0.0: must be in (0, 1)"),
     ("data.missing_rate=1.0", "data.missing_rate=1.0: must be in [0, 1)"),
-    ("model.backbone=vgg", "model.backbone='vgg': must be one of resnet50, resnet18, tiny"),
     ("train.epochs=2.5", "train.epochs=2.5: must be an integer"),
     ("model.attention=maybe", "model.attention='maybe': must be true or false"),
     ("data.max_count=0", "data.max_count=0: must be in [1, inf]"),

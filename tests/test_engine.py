@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comic.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from comic.config import load_config
+from comic.config import apply_overrides, load_config
 from comic.engine import build_optimizer, fit
 from comic.meters import LossMeter
 from comic.methods import list_methods
@@ -18,14 +18,32 @@ def _cfg(smoke_overrides, **extra):
     return load_config("synthetic", smoke_overrides | extra)
 
 
+@pytest.mark.parametrize("profile", ["finetune", "frozen"])
 @pytest.mark.parametrize("method", list_methods())
-def test_every_method_trains_with_finite_metrics(method, smoke_overrides):
-    result = fit(_cfg(smoke_overrides, method=method))
+def test_every_method_trains_with_finite_metrics(method, profile, smoke_overrides):
+    """Every registry entry, on images (the trunk trains) and on cached trunk features (only the heads train)."""
+    result = fit(_cfg(smoke_overrides, method=method, **{"model.profile": profile}))
     assert len(result.history) == 2
-    for key in ("train/loss", "val/map", "val/map_avg", "test/map", "test/recall", "perf/img_per_s", "best/epoch"):
+    for key in ("train/loss", "val/map", "val/map_avg", "best/test/map", "best/test/recall", "perf/img_per_s",
+                "best/epoch"):
         assert math.isfinite(result.metrics[key]), key
-    assert 0 < result.metrics["test/map"] <= 100
+    assert 0 < result.metrics["best/test/map"] <= 100
     assert len(result.per_class["best"]["test_ap"]) == len(result.per_class["best"]["class"])
+
+
+def test_the_test_set_is_evaluated_when_val_improves(smoke_overrides):
+    seen = []
+    cfg = _cfg(smoke_overrides, **{"train.epochs": 4, "model.profile": "frozen"})
+    result = fit(cfg, report=lambda metrics, run: seen.append(metrics))
+    best = -math.inf
+    for metrics in seen:
+        improved = metrics["val/map"] > best
+        best = max(best, metrics["val/map"])
+        assert ("test/map" in metrics) == improved, metrics["epoch"]
+        assert metrics["best/test/map"] == next(m["test/map"] for m in seen if m["epoch"] == metrics["best/epoch"])
+    every = fit(apply_overrides(cfg, {"train.test_every_epoch": True}))
+    assert all("test/map" in m for m in every.history)
+    assert every.metrics["best/test/map"] == result.metrics["best/test/map"]  # same selection, same numbers
 
 
 def test_comic_reports_head_tail_and_correction_metrics(smoke_overrides):

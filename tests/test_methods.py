@@ -43,9 +43,11 @@ def test_baseline_hyperparameters_come_from_loss_baseline_and_typos_raise():
 def test_db_gets_observed_counts_and_class_aware_sampling():
     method = build_method(load_config("synthetic", ["method=db"]), _stats())
     assert isinstance(method.criterion.loss, DB) and method.hooks.sampler(1) == "class-aware"
-    by_hand = DB(class_counts=torch.tensor([6.0, 3.0, 1.0, 0.0]), num_images=10)
+    by_hand = DB(class_counts=torch.tensor([6.0, 3.0, 1.0, 0.0]), num_images=10, reduction="sum")
     logits, targets = torch.randn(5, 4), (torch.rand(5, 4) < 0.4).float()
     assert torch.equal(method.criterion.loss(logits, targets), by_hand(logits, targets))
+    reference = build_method(load_config("synthetic", ["method=db", "loss.baseline.reduction=mean"]), _stats())
+    torch.testing.assert_close(reference.criterion.loss(logits, targets), by_hand(logits, targets) / 20)  # B*C
 
 
 def test_p_asl_prior_is_the_observed_frequency():

@@ -11,11 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
-from comic.config import PRESETS, Config, ConfigError, DataConfig, apply_overrides, load_config
+from comic._io import UserError
+from comic.config import Config, DataConfig, apply_overrides, load_config
 from comic.data import sources
 from comic.data.build import build_benchmark
-from comic.data.labels import LabelError
 from comic.data.reader import CARD_MD, BenchmarkError
+from comic.presets import PRESETS
 
 EPILOG = """\
 sources:
@@ -28,6 +29,9 @@ sources:
                or --train-json F --train-images DIR --test-json F --test-images DIR. Any COCO-format data;
                use --longtail none for data that is already long-tailed and --missing-rate 0 for data that
                is already partially labelled.
+  voc          --root VOCdevkit --year 2007 --train-set devtrain --test-set devtest: any VOC tree and set names.
+               Labels from the ImageSets/Main/<class>_<set>.txt flags of each set: the pool counts flag 1 or 0
+               (difficult included, like the XML rule), the test set flag 1. Defaults: year 2007, trainval / test.
   synthetic    no source needed: a procedural COCO-format source (--synthetic-images, --synthetic-test-images,
                --synthetic-classes; seeded by --split-seed) is generated under --out, then built like coco-format.
 
@@ -45,11 +49,15 @@ rerunning with the same inputs does no work. Examples:
   python -m comic.data build synthetic
   python -m comic.data build plt-voc --root ~/data/VOCdevkit --missing-rate 0.3
   python -m comic.data build plt-coco --root ~/data/coco --rng-after-voc ~/data/VOCdevkit/VOC2012
+  python -m comic.data build voc --root ~/data/VOCdevkit --year 2007 --train-set devtrain --test-set devtest \
+      --longtail none --val-size 300
 """
 
 # Options whose dest is the name of a DataConfig field.
 _DATA_OPTIONS = ("missing_rate", "split_seed", "val_size", "max_count", "min_count", "pareto_b", "synthetic_images",
                  "synthetic_test_images", "synthetic_classes")
+# voc: option -> DataConfig field.
+_VOC_OPTIONS = {"year": "voc_year", "train_set": "voc_train_set", "test_set": "voc_test_set"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -61,7 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Build a partial-label long-tailed benchmark: Pareto long-tail training subset with "
                     "dropped positives, a validation split from unused source train images (full labels) and the "
                     "source test set.")
-    build.add_argument("kind", choices=["plt-voc", "plt-coco", "coco-format", "synthetic"])
+    build.add_argument("kind", choices=["plt-voc", "plt-coco", "coco-format", "voc", "synthetic"])
     _add_split_options(build.add_argument_group("benchmark parameters"))
     _add_source_options(build.add_argument_group("source locations"))
     return parser
@@ -71,7 +79,8 @@ def _add_split_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--missing-rate", type=float, help="probability of dropping each train positive, in [0, 1)")
     group.add_argument("--split-seed", type=int, help="seed of the subsample, the dropped labels and the val split")
     group.add_argument("--val-size", type=int, help="validation images drawn from pool images not used for training")
-    group.add_argument("--longtail", choices=["pareto", "none"], help="Pareto subsample, or keep the whole pool")
+    group.add_argument("--longtail", choices=["pareto", "none"],
+                       help="Pareto subsample, or keep the whole pool (less the --val-size validation images)")
     group.add_argument("--max-count", type=int, help="Pareto: images of the largest class")
     group.add_argument("--min-count", type=int, help="Pareto: images of the smallest class (default 1)")
     group.add_argument("--pareto-b", type=float, help="Pareto shape b (larger: flatter)")
@@ -94,6 +103,9 @@ def _add_source_options(group: argparse._ArgumentGroup) -> None:
                             "or label CSV); the variant meant to give the paper's 2,962 images")
     group.add_argument("--voc-max-count", type=int, default=1400, help="--rng-after-voc: VOC max count (1400)")
     group.add_argument("--voc-pareto-b", type=float, default=12.0, help="--rng-after-voc: VOC Pareto b (12)")
+    group.add_argument("--year", type=int, help="voc: the VOC<year> folder under --root (default 2007)")
+    group.add_argument("--train-set", help="voc: the ImageSets/Main set of the train pool (default trainval)")
+    group.add_argument("--test-set", help="voc: the ImageSets/Main set of the test images (default test)")
     group.add_argument("--synthetic-images", type=int, help="synthetic: pool images (default 1200)")
     group.add_argument("--synthetic-test-images", type=int, help="synthetic: test images (default 400)")
     group.add_argument("--synthetic-classes", type=int, help="synthetic: number of classes (default 20)")
@@ -104,6 +116,8 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     cfg = load_config(args.kind) if args.kind in PRESETS else apply_overrides(Config(), {"data.benchmark": args.kind})
     overrides = {f"data.{name}": getattr(args, name) for name in _DATA_OPTIONS
                  if getattr(args, name) is not None}
+    overrides |= {f"data.{key}": getattr(args, option) for option, key in _VOC_OPTIONS.items()
+                  if getattr(args, option) is not None}
     if args.longtail:
         overrides["data.longtail"] = args.longtail
     if args.skip_bad_images:
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[%(name)s] %(message)s")
     try:
         out = build(args)
-    except (BenchmarkError, LabelError, ConfigError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print((out / CARD_MD).read_text())

@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from comic._io import absolute_path, file_digest, make_temp_dir, publish_dir, remove_stale_temps, stable_hash
-from comic.config import DataConfig
+from comic.config import Config, ConfigError, DataConfig, apply_overrides, to_flat_dict
 from comic.data.card import BUILDER_VERSION, BuildContent, make_card, write_benchmark
 from comic.data.labels import LabelSet
 from comic.data.longtail import pareto_subsample
@@ -50,6 +50,31 @@ def ensure_benchmark(data: DataConfig) -> Path:
     if data.root and (Path(data.root) / CARD_JSON).is_file():
         return absolute_path(data.root)
     return build_benchmark(source_from_config(data), BuildParams.from_config(data), data.cache_dir)
+
+
+# The data.* keys a built benchmark fixed when it was built (its card's parameters).
+BUILT_KEYS = ("longtail", "max_count", "min_count", "pareto_b", "missing_rate", "split_seed", "val_size",
+              "skip_bad_images")
+
+
+def adopt_built(cfg: Config, explicit: Iterable[str] = ()) -> Config:
+    """`cfg` with the data.* values of the built benchmark `data.root` names (its card), so that what a run records
+    is what it trains on. An `explicit` override that disagrees with the card raises: it cannot apply to a built
+    benchmark and would otherwise be ignored in silence."""
+    card_path = Path(cfg.data.root) / CARD_JSON if cfg.data.root else None
+    if card_path is None or not card_path.is_file():
+        return cfg
+    card = json.loads(card_path.read_text())
+    built = {f"data.{k}": card["parameters"][k] for k in BUILT_KEYS if k in card["parameters"]}
+    built["data.benchmark"] = card["benchmark"]
+    flat = to_flat_dict(cfg)
+    clash = [f"{k}={flat[k]!r} (built with {v!r})" for k, v in built.items()
+             if k in set(explicit) and apply_overrides(cfg, {k: v}) != cfg]
+    if clash:
+        raise ConfigError(f"{cfg.data.root} is a built benchmark; {', '.join(clash)} would change it: drop the "
+                          "override, or point --data / data.root at the source folder to build the benchmark you "
+                          "want")
+    return apply_overrides(cfg, built)
 
 
 def benchmark_digest(data: DataConfig) -> str:
@@ -153,6 +178,10 @@ def _select_train_val(pool: LabelSet, image_root: Path, params: BuildParams,
         train_rows = _check_rows(pool, image_root, _select_train(pool, params), "train", params, skipped)
         return train_rows, _select_val(pool, image_root, train_rows, params, skipped)
     # longtail none: everything trains except the validation images, which are drawn first.
+    if params.val_size > pool.num_images / 2:
+        log.warning("validation size %d (--val-size / data.val_size) takes %d of the %d pool images: only %d are "
+                    "left to train on; lower it", params.val_size, params.val_size, pool.num_images,
+                    pool.num_images - params.val_size)
     val_rows = _select_val(pool, image_root, [], params, skipped)
     bad = {record["file"] for record in skipped}
     rest = [r for r in sorted(set(range(pool.num_images)) - set(val_rows))

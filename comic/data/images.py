@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from comic._io import file_lock
+from comic._io import atomic_write_text, file_lock
 from comic.config import DataConfig
 from comic.data.reader import Benchmark, BenchmarkError, Split
 from comic.data.sampler import ClassAwareSampler
@@ -132,6 +132,16 @@ class PixelCache:
         self._starts = np.asarray(starts)
         self._pid = os.getpid()
 
+    def check(self) -> None:
+        """Open the file and compare its item count with the meta file's; BenchmarkError naming it when damaged."""
+        try:
+            self._open()
+        except (OSError, ValueError, pa.ArrowException) as err:  # truncated: no footer, or batches cut off
+            raise BenchmarkError(f"{self.path}: damaged image cache ({err})") from err
+        if int(self._starts[-1]) != len(self.rows):
+            raise BenchmarkError(f"{self.path}: damaged image cache ({int(self._starts[-1])} images, its meta file "
+                                 f"says {len(self.rows)})")
+
     def get(self, i: int) -> np.ndarray:
         """Pixels of the i-th cached image, [H, W, 3] uint8 (read-only)."""
         if self._pid != os.getpid():
@@ -153,13 +163,29 @@ def cache_folder(bench: Benchmark, data: DataConfig) -> Path:
 def ensure_cache(bench: Benchmark, split_name: str, size: int, folder: Path, skip_bad: bool = False) -> PixelCache:
     """Build the cache of one split at crop size `size` unless present (no work then); returns its reader."""
     path = folder / f"{split_name}-{size}px-v{CACHE_VERSION}.arrow"
-    if path.is_file():
-        return PixelCache(path)
+    cache = _open_cache(path)
+    if cache is not None:
+        return cache
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / f"{path.name}.lock"):
-        if not path.is_file():  # another process may have built it while we waited
+        if _open_cache(path) is None:  # another process may have built it while we waited
             _write_cache(path, bench, split_name, size, skip_bad)
     return PixelCache(path)
+
+
+def _open_cache(path: Path) -> PixelCache | None:
+    """The cache at `path` if it is there and whole; a damaged one is deleted (with a warning naming it)."""
+    if not path.is_file():
+        return None
+    try:
+        cache = PixelCache(path)
+        cache.check()
+        return cache
+    except (BenchmarkError, OSError, ValueError, KeyError) as err:  # the meta file too: missing or not JSON
+        log.warning("rebuilding the damaged image cache %s: %s", path, err)
+        for damaged in (path, _meta_path(path)):
+            damaged.unlink(missing_ok=True)
+        return None
 
 
 def _write_cache(path: Path, bench: Benchmark, split_name: str, size: int, skip_bad: bool) -> None:
@@ -218,7 +244,7 @@ def _meta_path(path: Path) -> Path:
 def _write_meta(path: Path, rows: list[int], skipped: list[dict], bench: Benchmark, size: int) -> None:
     meta = {"version": CACHE_VERSION, "benchmark": bench.card.get("hash", ""), "size": size, "rows": rows,
             "skipped": skipped, "skipped_count": len(skipped)}
-    _meta_path(path).write_text(json.dumps(meta))
+    atomic_write_text(_meta_path(path), json.dumps(meta))
 
 
 def _read_meta(path: Path) -> dict:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
+from comic._io import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "LabelSet",
     "coco_labels",
     "read_label_csv",
+    "voc_flag_labels",
     "voc_test_labels",
     "voc_train_labels",
 ]
@@ -42,7 +45,7 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """Source annotations that cannot be turned into labels; the message names the file and the entry."""
 
 
@@ -219,9 +222,16 @@ def voc_train_labels(voc_root: str | Path, image_set: str = "trainval") -> Label
 
 
 def voc_test_labels(voc_root: str | Path, image_set: str = "test") -> LabelSet:
-    """VOC labels from `ImageSets/Main/<cls>_<image_set>.txt` flags (test rule: positive iff flag == 1).
+    """VOC labels from `ImageSets/Main/<cls>_<image_set>.txt` flags, the test rule: positive iff flag == 1."""
+    return voc_flag_labels(voc_root, image_set, difficult_positive=False)
 
-    Rows follow the order of the first class file; every class file must list the same images. labels: [N, 20].
+
+def voc_flag_labels(voc_root: str | Path, image_set: str, difficult_positive: bool) -> LabelSet:
+    """VOC labels from the `ImageSets/Main/<cls>_<image_set>.txt` flags (1 positive, 0 difficult, -1 negative).
+
+    `difficult_positive`: a difficult-only class counts as positive (the train rule, as the XML rule includes
+    difficult objects) or as negative (the test rule). Rows follow the order of the first class file; every class
+    file must list the same images. labels: [N, 20].
     """
     root = Path(voc_root)
     main = root / "ImageSets" / "Main"
@@ -235,7 +245,7 @@ def voc_test_labels(voc_root: str | Path, image_set: str = "test") -> LabelSet:
                 f"{main / f'{cls}_{image_set}.txt'}: lists different images than "
                 f"{main / f'{VOC_CLASSES[0]}_{image_set}.txt'} (e.g. {odd}); all class files must list the same images"
             )
-        labels[:, c] = [per_image[i] == 1 for i in ids]
+        labels[:, c] = [per_image[i] == 1 or (difficult_positive and per_image[i] == 0) for i in ids]
     log.info("%s (%s): %d images, %d positive labels", root, image_set, len(ids), int(labels.sum()))
     return _voc_label_set(root, ids, labels)
 

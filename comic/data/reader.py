@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from comic._io import stable_hash
+from comic._io import UserError, stable_hash
 
 MANIFEST, CARD_JSON, CARD_MD, CHART = "manifest.parquet", "card.json", "card.md", "class_distribution.png"
 # The card fields that say what a benchmark holds; its paths (where the sources lie) are left out of the digest.
@@ -22,7 +22,7 @@ CONTENT_FIELDS = ("format_version", "builder_version", "benchmark", "parameters"
                   "sizes", "counts")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark cannot be built or read; the message names the file, flag or config key at fault."""
 
 
@@ -85,9 +85,17 @@ def load_benchmark(path: str | Path) -> Benchmark:
     if not (root / CARD_JSON).is_file():
         raise BenchmarkError(f"{root}: not a built benchmark (no {CARD_JSON}); build one with "
                              "`python -m comic.data build ...`")
-    card = json.loads((root / CARD_JSON).read_text())
-    table = pq.read_table(root / MANIFEST)
-    names = card["class_names"]
+    way_out = f"delete the folder {root} to have it rebuilt (or rebuild it with `python -m comic.data build ...`)"
+    try:
+        card = json.loads((root / CARD_JSON).read_text())
+        names = card["class_names"]
+    except (OSError, ValueError, KeyError) as err:
+        raise BenchmarkError(f"{root / CARD_JSON}: damaged dataset card ({type(err).__name__}: {err}); "
+                             f"{way_out}") from err
+    try:
+        table = pq.read_table(root / MANIFEST)
+    except (OSError, ValueError) as err:  # missing, truncated (no Parquet footer), not Parquet
+        raise BenchmarkError(f"{root / MANIFEST}: damaged manifest ({err}); {way_out}") from err
     split_col = np.asarray(table.column("split").to_pylist())
     ids = table.column("image_id").to_pylist()
     if card.get("image_id_type") == "int":

@@ -14,7 +14,15 @@ from typing import Any
 
 from comic._io import absolute_path
 from comic.config import DataConfig
-from comic.data.labels import VOC_CLASSES, LabelSet, coco_labels, read_label_csv, voc_test_labels, voc_train_labels
+from comic.data.labels import (
+    VOC_CLASSES,
+    LabelSet,
+    coco_labels,
+    read_label_csv,
+    voc_flag_labels,
+    voc_test_labels,
+    voc_train_labels,
+)
 from comic.data.reader import BenchmarkError
 from comic.data.synthetic import ensure_source
 
@@ -23,7 +31,8 @@ from comic.data.synthetic import ensure_source
 class LabelSource:
     """One source split: how to read its labels and where its images are.
 
-    reader: 'coco' (instances JSON), 'voc-train' (XML rule), 'voc-test' (ImageSets flags) or 'csv';
+    reader: 'coco' (instances JSON), 'voc-train' (XML rule), 'voc-test' (ImageSets flags, flag 1), 'voc-flags'
+    (ImageSets flags, flag 1 or 0: the train rule read from the flags) or 'csv';
     path: the JSON, the VOC20xx folder or the CSV; image_root: the folder `LabelSet.file_names` are relative to.
     """
 
@@ -39,6 +48,8 @@ class LabelSource:
             return voc_train_labels(self.path, self.image_set or "trainval")
         if self.reader == "voc-test":
             return voc_test_labels(self.path, self.image_set or "test")
+        if self.reader == "voc-flags":
+            return voc_flag_labels(self.path, self.image_set, difficult_positive=True)
         if self.reader == "csv":
             return read_label_csv(self.path)
         raise BenchmarkError(f"unknown label reader {self.reader!r}")
@@ -48,7 +59,7 @@ class LabelSource:
         if self.reader in ("coco", "csv"):
             return [self.path]
         main = self.path / "ImageSets" / "Main"
-        if self.reader == "voc-test":
+        if self.reader in ("voc-test", "voc-flags"):
             return [main / f"{cls}_{self.image_set or 'test'}.txt" for cls in VOC_CLASSES]
         listing = main / f"{self.image_set or 'trainval'}.txt"
         ids = [line.split()[0] for line in _read_text(listing).splitlines() if line.strip()]
@@ -97,6 +108,13 @@ def plt_voc_source(voc2012: str | Path, voc2007: str | Path) -> Source:
                   LabelSource("voc-test", voc2007, voc2007, "test"))
 
 
+def voc_source(root: str | Path, year: int, train_set: str, test_set: str) -> Source:
+    """Any VOC tree: the pool is `VOC<year>`'s `train_set`, the test images its `test_set`, labels from the
+    ImageSets flags of each set (pool: flag 1 or 0, difficult included as in the train rule; test: flag 1)."""
+    voc = absolute_path(root) / f"VOC{year}"
+    return Source("voc", LabelSource("voc-flags", voc, voc, train_set), LabelSource("voc-test", voc, voc, test_set))
+
+
 def source_from_config(data: DataConfig) -> Source:
     """The source `data` describes; for `synthetic` with an empty root, the generated source (made if missing)."""
     root = data.root
@@ -110,6 +128,8 @@ def source_from_config(data: DataConfig) -> Source:
         return plt_voc_source(Path(root) / "VOC2012", Path(root) / "VOC2007")
     if data.benchmark == "plt-coco":
         return plt_coco_source(root)
+    if data.benchmark == "voc":
+        return voc_source(root, data.voc_year, data.voc_train_set, data.voc_test_set)
     return coco_root_source(root, kind=data.benchmark)
 
 
@@ -117,6 +137,8 @@ _ROOT_HELP = {
     "plt-voc": "a VOCdevkit folder holding VOC2012/ and VOC2007/",
     "plt-coco": "a COCO folder holding annotations/instances_{train,val}2017.json, train2017/, val2017/",
     "coco-format": "a folder holding annotations/instances_{train,test}.json, train/, test/",
+    "voc": "a VOCdevkit folder holding VOC<year>/ (data.voc_year) with the ImageSets of data.voc_train_set and "
+           "data.voc_test_set",
     "synthetic": "empty: the source is generated",
 }
 

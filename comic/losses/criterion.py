@@ -42,7 +42,7 @@ class ComicCriterion(nn.Module):
         """class_counts: [C] observed training positives; cooccurrence: [C, C] counts, only for the MFM prior."""
         base = MFMLoss.from_config(cfg.mfm, class_counts, cooccurrence) if cfg.mfm.enabled else BCE()
         rlc = {k: RLCLoss.from_config(cfg.rlc, cfg.mfm, class_counts) for k in MODELS} if cfg.rlc.enabled else None
-        htb = HTBLoss(base, cfg.htb.alpha, cfg.htb.variant) if cfg.htb.enabled else None
+        htb = HTBLoss(base, cfg.htb.alpha, cfg.htb.variant, cfg.htb.kappa) if cfg.htb.enabled else None
         return cls(base, rlc, htb, cfg.loss.lambda_m, cfg.loss.lambda_c, cfg.loss.lambda_b)
 
     @property

@@ -42,6 +42,12 @@ def focal_sum(logits: Tensor, targets: Tensor, weight: Tensor | float, gamma_pos
     logits, targets: [B, C] (soft targets allowed); weight, gamma_pos, gamma_neg: [C] or scalars;
     p_neg = min(1, 1 - p + clip); prior: [B, C] co-occurrence margin a (released code) or None.
     """
+    return focal_terms(logits, targets, weight, gamma_pos, gamma_neg, clip, prior).sum()
+
+
+def focal_terms(logits: Tensor, targets: Tensor, weight: Tensor | float, gamma_pos: Tensor | float,
+                gamma_neg: Tensor | float, clip: float, prior: Tensor | None = None) -> Tensor:
+    """The [B, C] entries that `focal_sum` adds up."""
     z = upcast(logits)
     y = targets.to(z.dtype)
     log_pos = F.logsigmoid(z)  # exact log p, finite for any logit
@@ -53,7 +59,7 @@ def focal_sum(logits: Tensor, targets: Tensor, weight: Tensor | float, gamma_pos
         p_t = y * log_pos.exp() + (1 - y) * log_neg.exp()
         gamma = gamma_pos * y + gamma_neg * (1 - y)
         focus = (1 - p_t).clamp_min(0).pow(gamma)
-    return -(focus * weight * (y * log_pos + (1 - y) * log_neg)).sum()
+    return -(focus * weight * (y * log_pos + (1 - y) * log_neg))
 
 
 def cooccurrence_margin(targets: Tensor, cooc_norm: Tensor) -> Tensor:
@@ -95,5 +101,9 @@ class MFMLoss(nn.Module):
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         """logits, targets: [B, C] -> [] summed loss."""
+        return self.entries(logits, targets).sum()
+
+    def entries(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """logits, targets: [B, C] (soft targets allowed) -> the [B, C] loss entries."""
         prior = None if self.cooc_norm is None else cooccurrence_margin(targets, self.cooc_norm)
-        return focal_sum(logits, targets, self.weight, self.gamma_pos, self.gamma_neg, self.clip, prior)
+        return focal_terms(logits, targets, self.weight, self.gamma_pos, self.gamma_neg, self.clip, prior)

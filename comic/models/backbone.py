@@ -1,16 +1,23 @@
-"""Backbones and the feature extractor F every method's model is built from.
+"""Trunks and the feature layer every method's model is built from.
 
-- trunks: torchvision ResNet-50 / ResNet-18 and a tiny CNN (CPU tests, embedded demo), classifier removed; ImageNet
-  weights are torchvision's V1 files (the ones the released code loads with `pretrained=True`), fetched only here;
-- F = trunk, then a trainable Linear(width -> feat_dim) and optional LogSoftmax, profile `released` (frozen trunk, as
-  the released code) or `finetune` (everything trains);
-- the optimizer groups of one model: '<model>/trunk' (when it trains), '<model>/feature', '<model>/classifier',
-  each with its learning rate and StepLR step.
+- `build_trunk`: any torchvision classification model (`torchvision.models.list_models`) or the tiny CNN of the
+  embedded demo, without its classifier: its penultimate features, whatever the classifier is called (the last
+  Linear, and the Dropout beside it, become Identity). Weights: 'none', 'imagenet' (torchvision's ImageNet file,
+  read from the hub cache when it is there, so no network is needed) or a state-dict file.
+- `Trunks`: the trunk(s) under a method's models, by `model.profile`:
+    released  one frozen trunk shared by all the method's models: one forward feeds every feature layer (the models'
+              trunks would be identical: same weights, frozen, the same batch through train-mode BatchNorm);
+    finetune  one trainable trunk per model;
+    frozen    none: the inputs are cached trunk features (`comic.data.features`; eval-mode BatchNorm).
+- `FeatureLayer`: the trainable Linear(width -> feat_dim) [+ LogSoftmax] of the released code on top of the trunk.
+- the optimizer groups of one model: '<model>/trunk' (when it trains), '<model>/feature', '<model>/classifier'.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,21 +25,17 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from comic._io import UserError, file_digest
 from comic.config import ModelConfig, OptimConfig
 
 log = logging.getLogger(__name__)
 
 TINY_WIDTH = 64
-# torchvision's ImageNet V1 weights, the ones the released code loads with `pretrained=True`.
-IMAGENET_WEIGHTS = {
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-}
 LR_KEYS = {"trunk": "lr_trunk", "feature": "lr_feature", "attention": "lr_attention", "classifier": "lr_classifier"}
 
 
-class BackboneWeightsError(RuntimeError):
-    """Backbone weights could not be fetched or loaded; the message says how to pass a local file."""
+class BackboneWeightsError(UserError, RuntimeError):
+    """A backbone is unknown, or its weights could not be fetched or loaded; the message says what to do."""
 
 
 def _tiny_trunk() -> nn.Module:
@@ -43,24 +46,65 @@ def _tiny_trunk() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def _imagenet_state(name: str) -> dict[str, Tensor]:
-    if name not in IMAGENET_WEIGHTS:
-        raise BackboneWeightsError(f"no ImageNet weights exist for backbone '{name}'; use model.weights=none")
-    weights = IMAGENET_WEIGHTS[name]
+def classification_models() -> list[str]:
+    """The torchvision classification models `model.backbone` may name (besides 'tiny')."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _model(name: str) -> nn.Module:
+    if name == "tiny":
+        return _tiny_trunk()
+    names = classification_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise BackboneWeightsError(f"model.backbone={name!r} is not a torchvision classification model{hint} "
+                                   "(or 'tiny')")
+    return torchvision.models.get_model(name, weights=None)
+
+
+def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+    """torchvision's ImageNet weights of `name`: IMAGENET1K_V1 where it exists (what the released code loads for
+    ResNet-50 with `pretrained=True`), else the model's default."""
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError) as err:
+        raise BackboneWeightsError(f"no ImageNet weights exist for backbone {name!r}; use model.weights=none or a "
+                                   "file") from err
+    return getattr(enum, "IMAGENET1K_V1", None) or enum.DEFAULT
+
+
+def _weights_file(weights: str) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneWeightsError(f"model.weights={weights!r} is neither 'none', 'imagenet' nor an existing file")
+    return path
+
+
+def weights_id(cfg: ModelConfig) -> str:
+    """What identifies the trunk's weights (a feature cache's key): 'none', torchvision's file name for 'imagenet'
+    (it carries the file's hash), or the sha256 of a weights file."""
+    if cfg.weights == "none":
+        return "none"
+    if cfg.weights == "imagenet":
+        return f"imagenet:{imagenet_weights(cfg.backbone).url.rsplit('/', 1)[-1]}"
+    return f"file:{file_digest(_weights_file(cfg.weights))[:16]}"
+
+
+def _imagenet_state(name: str) -> dict[str, Tensor]:
+    weights = imagenet_weights(name)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError, ValueError) as err:  # URLError / HTTPError / socket errors are OSErrors
         file = weights.url.rsplit("/", 1)[-1]
         raise BackboneWeightsError(
             f"could not fetch the ImageNet weights of {name} from {weights.url} ({err}). On an offline machine, "
-            f"download that file elsewhere and pass its path: model.weights=/path/to/{file} (a state dict), "
-            f"or place it in {Path(torch.hub.get_dir()) / 'checkpoints'}") from err
+            f"download that file elsewhere and place it in {Path(torch.hub.get_dir()) / 'checkpoints'} (then "
+            f"model.weights=imagenet finds it), or pass its path: model.weights=/path/to/{file}") from err
 
 
 def _file_state(path: str) -> dict[str, Tensor]:
-    if not Path(path).is_file():
-        raise BackboneWeightsError(f"model.weights={path!r} is neither 'none', 'imagenet' nor an existing file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(_weights_file(path), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise BackboneWeightsError(f"model.weights={path!r} holds a {type(state).__name__}, not a state dict")
     for key in ("state_dict", "model"):  # common checkpoint wrappers
@@ -69,49 +113,99 @@ def _file_state(path: str) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """The trunk named by `cfg.backbone` (classifier removed) and its output width.
+def _classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The last Linear layer of a model (its classifier), by module order; None for the tiny trunk."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
-    `cfg.weights`: 'none' (random init), 'imagenet' (torchvision V1 weights, fetched only here; offline this raises
-    BackboneWeightsError saying how to pass a file) or a path to a state dict (a `fc.*` classifier in it is ignored).
-    The trunk maps images [B, 3, H, W] to [B, width].
-    """
-    if cfg.backbone == "tiny":
-        trunk, width = _tiny_trunk(), TINY_WIDTH
+
+def _strip_classifier(model: nn.Module, name: str) -> None:
+    """Replace the classifier `name` (and a Dropout in the same Sequential) by Identity, in place."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.Sequential):
+        for key, module in parent.named_children():
+            if key == child or isinstance(module, nn.Dropout):
+                setattr(parent, key, nn.Identity())
     else:
-        trunk = getattr(torchvision.models, cfg.backbone)(weights=None)
-        width = trunk.fc.in_features
-        trunk.fc = nn.Identity()
-    if cfg.weights == "none":
-        return trunk, width
-    state = _imagenet_state(cfg.backbone) if cfg.weights == "imagenet" else _file_state(cfg.weights)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        setattr(parent, child, nn.Identity())
+
+
+def _load(model: nn.Module, state: dict[str, Tensor], cfg: ModelConfig, classifier: str | None) -> None:
+    """Load `state` into the whole model; a file may leave out the classifier (it is removed anyway)."""
     try:
-        trunk.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise BackboneWeightsError(f"model.weights={cfg.weights!r} does not fit {cfg.backbone}: {err}") from err
-    log.info("loaded %s weights for %s", cfg.weights, cfg.backbone)
-    return trunk, width
+    missing = [k for k in missing if classifier is None or not k.startswith(classifier + ".")]
+    if missing or unexpected:
+        raise BackboneWeightsError(f"model.weights={cfg.weights!r} does not fit {cfg.backbone}: missing keys "
+                                   f"{missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
-class FeatureExtractor(nn.Module):
-    """A model's feature extractor F: trunk, then a trainable Linear(width -> feat_dim) [+ LogSoftmax].
+def build_trunk(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """The trunk named by `cfg.backbone` with `cfg.weights`, classifier removed, and its output width.
 
-    Profile `released`: the trunk's parameters are frozen but its BatchNorm layers follow the module's train/eval
-    mode as usual, so their running statistics still adapt to the training data (as in the released code).
-    Profile `finetune`: the trunk trains too. images [B, 3, H, W] -> features [B, feat_dim].
+    The trunk maps images [B, 3, H, W] to [B, width]. Offline, 'imagenet' raises BackboneWeightsError saying where
+    to put the file.
+    """
+    model = _model(cfg.backbone)
+    found = _classifier(model)
+    classifier = found[0] if found else None
+    if cfg.weights != "none":
+        state = _imagenet_state(cfg.backbone) if cfg.weights == "imagenet" else _file_state(cfg.weights)
+        _load(model, state, cfg, classifier)
+        log.info("loaded %s weights for %s", cfg.weights, cfg.backbone)
+    if found is None:
+        return model, TINY_WIDTH
+    _strip_classifier(model, found[0])
+    return model, found[1].in_features
+
+
+class Trunks(nn.Module):
+    """The trunk(s) under the models `names` (see the module docstring for the profiles).
+
+    inputs: images [B, 3, H, W] (or, profile frozen, trunk features [B, width]) -> {name: [B, width]}.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, names: Sequence[str], width: int | None = None) -> None:
         super().__init__()
-        self.trunk, width = build_backbone(cfg)
+        self.names = tuple(names)
+        self.shared: nn.Module | None = None
+        self.own = nn.ModuleDict()
+        if cfg.profile == "frozen":
+            if width is None:
+                raise ValueError("model.profile=frozen: the models need the width of the cached trunk features")
+            self.shared, self.width = nn.Identity(), width
+        elif cfg.profile == "released":
+            self.shared, self.width = build_trunk(cfg)
+            self.shared.requires_grad_(False)
+        else:
+            for name in self.names:
+                self.own[name], self.width = build_trunk(cfg)
+
+    def forward(self, inputs: Tensor) -> dict[str, Tensor]:
+        if self.shared is not None:
+            shared = self.shared(inputs)  # one forward for every model
+            return dict.fromkeys(self.names, shared)
+        return {name: trunk(inputs) for name, trunk in self.own.items()}
+
+    def trainable(self, name: str) -> nn.Module | None:
+        """Model `name`'s own trunk when it trains (profile finetune), else None."""
+        return self.own[name] if name in self.own else None
+
+
+class FeatureLayer(nn.Module):
+    """F on top of a trunk: a trainable Linear(width -> feat_dim), then LogSoftmax when `log_softmax_feature` (the
+    released code). trunk features [B, width] -> features [B, feat_dim]."""
+
+    def __init__(self, cfg: ModelConfig, width: int) -> None:
+        super().__init__()
         self.fc = nn.Linear(width, cfg.feat_dim)
         self.log_softmax = cfg.log_softmax_feature
-        if cfg.profile == "released":
-            self.trunk.requires_grad_(False)
 
-    def forward(self, images: Tensor) -> Tensor:
-        features = self.fc(self.trunk(images))
+    def forward(self, trunk_features: Tensor) -> Tensor:
+        features = self.fc(trunk_features)
         return F.log_softmax(features, dim=1) if self.log_softmax else features
 
 
@@ -129,10 +223,9 @@ def param_group(model: str, module: str, part: nn.Module, optim: OptimConfig) ->
             "step_size": step if optim.per_model_decay else balanced_step}
 
 
-def extractor_param_groups(model: str, features: FeatureExtractor, classifier: nn.Module,
-                           optim: OptimConfig) -> list[dict]:
+def model_param_groups(model: str, trunk: nn.Module | None, features: FeatureLayer, classifier: nn.Module,
+                       optim: OptimConfig) -> list[dict]:
     """Groups '<model>/trunk' (when it trains), '<model>/feature' and '<model>/classifier'."""
-    parts = {"trunk": features.trunk, "feature": features.fc, "classifier": classifier}
-    return [g for module, part in parts.items() if (g := param_group(model, module, part, optim)) is not None]
-
-
+    parts = {"trunk": trunk, "feature": features, "classifier": classifier}
+    return [g for module, part in parts.items() if part is not None
+            and (g := param_group(model, module, part, optim)) is not None]

@@ -1,4 +1,4 @@
-"""The baselines' network: the same feature extractor (and profile) as one COMIC model, then a linear layer."""
+"""The baselines' network: the same trunk (and profile) and feature layer as one COMIC model, then a linear layer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from comic.config import ModelConfig, OptimConfig
-from comic.models.backbone import FeatureExtractor, extractor_param_groups
+from comic.models.backbone import FeatureLayer, Trunks, model_param_groups
 
 
 class BaselineOutput(NamedTuple):
@@ -15,17 +15,22 @@ class BaselineOutput(NamedTuple):
 
 
 class BaselineNet(nn.Module):
-    """The baselines' network: the same feature extractor (and profile) as one COMIC model, then a linear layer."""
+    """Trunk, feature layer and a linear classifier: inputs (images, or cached trunk features) -> logits [B, C]."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+    def __init__(self, cfg: ModelConfig, num_classes: int, width: int | None = None) -> None:
         super().__init__()
-        self.features = FeatureExtractor(cfg)
+        self.trunks = Trunks(cfg, ("baseline",), width)
+        self.features = FeatureLayer(cfg, self.trunks.width)
         self.classifier = nn.Linear(cfg.feat_dim, num_classes)
 
-    def forward(self, images: Tensor) -> BaselineOutput:
-        """images: [B, 3, H, W] -> BaselineOutput(logits [B, C])."""
-        return BaselineOutput(self.classifier(self.features(images)))
+    def embed(self, inputs: Tensor) -> Tensor:
+        """inputs: images [B, 3, H, W] or trunk features [B, width] -> features [B, feat_dim]."""
+        return self.features(self.trunks(inputs)["baseline"])
+
+    def forward(self, inputs: Tensor) -> BaselineOutput:
+        """inputs: images [B, 3, H, W] or trunk features [B, width] -> BaselineOutput(logits [B, C])."""
+        return BaselineOutput(self.classifier(self.embed(inputs)))
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
         """Groups 'baseline/trunk' (finetune only), 'baseline/feature', 'baseline/classifier'; balanced-model steps."""
-        return extractor_param_groups("baseline", self.features, self.classifier, optim)
+        return model_param_groups("baseline", self.trunks.trainable("baseline"), self.features, self.classifier, optim)

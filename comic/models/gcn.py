@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from comic.config import ModelConfig, OptimConfig
-from comic.models.backbone import FeatureExtractor, extractor_param_groups
+from comic.models.backbone import FeatureLayer, Trunks, model_param_groups
 from comic.models.baseline import BaselineOutput
 
 __all__ = ["GCNHead", "GCNNet", "correlation_matrix", "load_label_embeddings", "normalized_adjacency"]
@@ -120,21 +120,22 @@ def load_label_embeddings(spec: str, num_classes: int, seed: int = 0, dim: int =
 
 
 class GCNNet(nn.Module):
-    """ML-GCN's network: the shared feature extractor, then logits = features @ W^T with W from `GCNHead`.
+    """ML-GCN's network: the shared trunk and feature layer, then logits = features @ W^T with W from `GCNHead`.
 
     Deviation from the reference: the image feature is the feature layer's output (trunk, global average pooling,
     Linear to feat_dim) rather than a global max pooling of the trunk, so every baseline shares one backbone.
     """
 
-    def __init__(self, cfg: ModelConfig, embeddings: Tensor, correlation: np.ndarray) -> None:
+    def __init__(self, cfg: ModelConfig, embeddings: Tensor, correlation: np.ndarray, width: int | None = None) -> None:
         super().__init__()
-        self.features = FeatureExtractor(cfg)
+        self.trunks = Trunks(cfg, ("baseline",), width)
+        self.features = FeatureLayer(cfg, self.trunks.width)
         self.gcn = GCNHead(embeddings, correlation, cfg.feat_dim)
 
-    def forward(self, images: Tensor) -> BaselineOutput:
-        """images: [B, 3, H, W] -> BaselineOutput(logits [B, C])."""
-        return BaselineOutput(self.gcn(self.features(images)))
+    def forward(self, inputs: Tensor) -> BaselineOutput:
+        """inputs: images [B, 3, H, W] or trunk features [B, width] -> BaselineOutput(logits [B, C])."""
+        return BaselineOutput(self.gcn(self.features(self.trunks(inputs)["baseline"])))
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
-        """The feature extractor's groups ('baseline/trunk', 'baseline/feature') and 'baseline/classifier' (GCN)."""
-        return extractor_param_groups("baseline", self.features, self.gcn, optim)
+        """The trunk's (finetune) and feature layer's groups, and 'baseline/classifier' (the GCN)."""
+        return model_param_groups("baseline", self.trunks.trainable("baseline"), self.features, self.gcn, optim)

@@ -18,9 +18,10 @@ from comic.models.baseline import BaselineNet, BaselineOutput
 class LWSNet(nn.Module):
     """BaselineNet with a per-class logit scale that trains only in stage 2."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, stage2_start: int, scale_lr: float) -> None:
+    def __init__(self, cfg: ModelConfig, num_classes: int, stage2_start: int, scale_lr: float,
+                 width: int | None = None) -> None:
         super().__init__()
-        self.base = BaselineNet(cfg, num_classes)
+        self.base = BaselineNet(cfg, num_classes, width)
         self.scale = nn.Parameter(torch.ones(num_classes), requires_grad=False)
         self.stage2_start, self.scale_lr = stage2_start, scale_lr
         self.stage2 = False
@@ -37,9 +38,9 @@ class LWSNet(nn.Module):
             self.base.eval()  # stage 2 keeps BatchNorm statistics frozen too
         return self
 
-    def forward(self, images: Tensor) -> BaselineOutput:
-        """images: [B, 3, H, W] -> BaselineOutput(logits [B, C]) = f * base logits."""
-        return BaselineOutput(self.base(images).logits * self.scale)
+    def forward(self, inputs: Tensor) -> BaselineOutput:
+        """inputs: images [B, 3, H, W] or trunk features [B, width] -> BaselineOutput(f * base logits [B, C])."""
+        return BaselineOutput(self.base(inputs).logits * self.scale)
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
         """The base network's groups, and 'baseline/scale' (no weight decay: f is a per-class gain, not a weight).

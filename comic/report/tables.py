@@ -144,10 +144,12 @@ def run_summary(metrics: Mapping[str, float]) -> str:
     for split in ("val", "test"):
         for label, prefix in (("best", "best/"), ("last", "")):
             values = [metrics.get(f"{prefix}{split}/{key}") for key in RUN_GROUPS.values()]
-            rows.append([f"{split} ({label})", *(f"{v:.2f}" if _ok(v) else DASH for v in values)])
+            if any(_ok(v) for v in values):  # the last epoch has no test pass unless val/map improved there
+                rows.append([f"{split} ({label})", *(f"{v:.2f}" if _ok(v) else DASH for v in values)])
     lines = [text(pd.DataFrame(rows, columns=["", *RUN_GROUPS]))]
-    if "test/map_chance" in metrics:
-        lines.append(f"label-frequency baseline (chance) test mAP: {metrics['test/map_chance']:.2f}")
+    chance = metrics.get("test/map_chance", metrics.get("best/test/map_chance"))
+    if _ok(chance):
+        lines.append(f"label-frequency baseline (chance) test mAP: {chance:.2f}")
     if "best/epoch" in metrics:
         lines.append(f"best epoch by val/map: {int(metrics['best/epoch'])} of {int(metrics.get('epoch', 0))}")
     return "\n".join(lines)

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
-from comic.config import ConfigError
 from comic.report import tables
 from comic.report.stats import aggregate
 from comic.studies.plan import Study
@@ -110,7 +110,7 @@ def execute(spec: AblationSpec, doc: str, argv: Sequence[str] | None = None,
     setup_logging()
     try:
         report = run(spec, args)
-    except (ConfigError, ValueError) as err:
+    except UserError as err:  # a bad flag, key, file or folder: one line that says what to do
         return 2, f"error: {err}"
     return report.exit_code, report.text
 
@@ -171,10 +171,11 @@ def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, 
     ]
     parts.append(spec.describe())
     paper = spec.paper
-    parts += ["", f"PAPER - {paper.source}. Numbers reported by Zhang et al. (ICCV 2023), NOT produced by this run:",
-              tables.markdown(_paper_frame(spec))]
-    if paper.note:
-        parts.append(paper.note)
+    if paper is not None:
+        parts += ["", f"PAPER - {paper.source}. Numbers reported by Zhang et al. (ICCV 2023), NOT produced by this "
+                      "run:", tables.markdown(_paper_frame(spec))]
+        if paper.note:
+            parts.append(paper.note)
     parts += ["", f"OURS - {cfg.data.benchmark}, mean ± std (n seeds):", tables.markdown(ours),
               "", "OURS - paired differences against the reference arm:", STATS_NOTE, tables.markdown(diffs),
               "", f"Cells (MLflow experiment '{study_run.experiment}' at {study_run.tracking_uri}; parent run "

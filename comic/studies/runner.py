@@ -25,12 +25,12 @@ from types import TracebackType
 from typing import Any
 
 import pandas as pd
-from mlflow import MlflowClient
 from tqdm.auto import tqdm
 
 from comic._io import atomic_write, atomic_write_text, stable_hash
 from comic.config import Config, absolute_paths, identity, identity_hash
 from comic.studies.plan import Cell, Study, plan
+from comic.tracking import store
 from comic.tracking.client import RunTracker
 from comic.tracking.provenance import code_version, run_tags
 from comic.tracking.run import RUN_ID_FILE, tracked_fit
@@ -44,8 +44,9 @@ CELLS_FILE, CURVES_FILE, PARENTS_FILE = "cells.parquet", "curves.parquet", "pare
 FINISHED, FAILED, PENDING = "finished", "failed", "pending"
 BACKENDS = ("local", "ray")
 # Per-epoch metrics kept for figures over training (Fig. 6): balanced / head / tail models, shot groups, loss.
-CURVE_KEYS = ("val/map", "test/map", "test/map_many", "test/map_medium", "test/map_few", "test/head/map",
-              "test/tail/map", "train/loss")
+# Validation curves: the test set is evaluated only at the epochs where val/map improves (unless asked otherwise).
+CURVE_KEYS = ("val/map", "val/map_many", "val/map_medium", "val/map_few", "val/head/map", "val/tail/map",
+              "best/test/map", "train/loss")
 OnCell = Callable[[Cell, dict[str, Any]], None]
 
 
@@ -238,13 +239,13 @@ class StudyRun:
     def _child_run_ids(self) -> dict[str, str]:
         """cell key -> MLflow run id of the parent's children (the newest run of a key wins)."""
         assert self.parent is not None
-        runs = search_all_runs(MlflowClient(self.tracking_uri), [self.experiment_id],
+        runs = search_all_runs(store.client(self.tracking_uri), [self.experiment_id],
                                f"tags.mlflow.parentRunId = '{self.parent.run_id}'",
                                order_by=["attributes.start_time ASC"])
         return {r.data.tags["ablation.cell"]: r.info.run_id for r in runs if "ablation.cell" in r.data.tags}
 
     def _history_from_mlflow(self, run_id: str) -> list[dict[str, float]]:
-        client = MlflowClient(self.tracking_uri)
+        client = store.client(self.tracking_uri)
         epochs: dict[int, dict[str, float]] = {}
         for key in CURVE_KEYS:
             for point in client.get_metric_history(run_id, key):

@@ -14,15 +14,17 @@ import math
 from pathlib import Path
 
 import numpy as np
+from mlflow.entities import Run
 
 from comic.config import Config, identity, to_dict, to_flat_dict
 from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
-from comic.engine import FitResult, Report, RunState, fit
+from comic.engine import FitResult, Report, RunState, finished_result, fit
 from comic.report import plots
 from comic.tracking.client import RunTracker
 from comic.tracking.provenance import run_tags
+from comic.tracking.store import find_run
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,17 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    id_file = workdir / RUN_ID_FILE
     card = json.loads((ensure_benchmark(cfg.data) / CARD_JSON).read_text())
+    run = _earlier_run(workdir, tracking_uri)
+    done = finished_result(cfg, workdir) if run is not None and run.info.status == "FINISHED" else None
+    if done is not None:
+        log.info("run %s already finished in %s: its results, nothing trained", run.info.run_id, workdir)
+        return done, run.info.run_id
     tracker = RunTracker(tracking_uri, experiment, run_name=run_name, parent_run_id=parent_run_id,
-                         run_id=id_file.read_text().strip() if id_file.is_file() else None,
-                         tags=_tags(cfg, card, tags), detach_on_exit=detach_on_exit)
+                         run_id=run.info.run_id if run is not None else None, tags=_tags(cfg, card, tags),
+                         detach_on_exit=detach_on_exit)
     with tracker:
-        id_file.write_text(tracker.run_id)
+        (workdir / RUN_ID_FILE).write_text(tracker.run_id)
         _log_inputs(tracker, cfg, card)
         artifacts_logged = []
 
@@ -63,6 +69,20 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
         if not artifacts_logged:  # the last epoch ran in an earlier, interrupted process
             log_artifacts(tracker, result)
     return result, tracker.run_id
+
+
+def _earlier_run(workdir: Path, tracking_uri: str) -> Run | None:
+    """The MLflow run this work directory belongs to, if the tracking store has it. A work directory that
+    remembers a run of another store (or a deleted one) starts a new run, with a warning saying why."""
+    id_file = workdir / RUN_ID_FILE
+    if not id_file.is_file():
+        return None
+    run_id = id_file.read_text().strip()
+    run = find_run(tracking_uri, run_id)
+    if run is None:
+        log.warning("%s remembers MLflow run %s, which the tracking store %s does not hold (another store, or a "
+                    "deleted run): starting a new run", workdir, run_id, tracking_uri)
+    return run
 
 
 def split_params(cfg: Config) -> tuple[dict[str, object], dict[str, str]]:

@@ -16,7 +16,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+
+from comic._io import file_lock
 
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
 
@@ -69,15 +72,31 @@ def _file_store(uri: str) -> str:
 
 
 def client(uri: str) -> MlflowClient:
-    """An `MlflowClient` of the (resolved) tracking URI `uri`."""
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    """An `MlflowClient` of the (resolved) tracking URI `uri`. A SQLite store is opened once under a file lock
+    beside the database: MLflow creates (and migrates) a new database's schema on first use, and two processes
+    doing that at once fail ('No such index', 'duplicate column'); the second one now waits and finds it made."""
+    uri = resolve_tracking_uri(uri)
+    if not uri.startswith("sqlite:") or uri in _OPENED:
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(_sqlite_path(uri).with_name(_sqlite_path(uri).name + ".lock")):
+        mlflow_client = MlflowClient(tracking_uri=uri)  # the store (and a new database's schema) may be made here
+        mlflow_client.search_experiments(max_results=1)
+    _OPENED.add(uri)
+    return mlflow_client
+
+
+_OPENED: set[str] = set()  # SQLite stores this process has opened (their schema exists)
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///") :].partition("?")[0])
 
 
 def _artifact_location(uri: str, name: str) -> str | None:
     """Artifacts of a SQLite store go beside the database; servers and other databases choose their own."""
     if not uri.startswith("sqlite:"):
         return None
-    db = Path(uri[len("sqlite:///") :].partition("?")[0])
+    db = _sqlite_path(uri)
     slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "experiment"
     return (db.parent / "artifacts" / slug).as_uri()
 
@@ -113,3 +132,12 @@ def search_all_runs(mlflow_client: MlflowClient, experiment_ids: list[str], filt
         token = page.token
         if not token:
             return runs
+
+
+def find_run(uri: str, run_id: str) -> Run | None:
+    """Run `run_id` of the store at `uri`, or None when the store has no such (live) run."""
+    try:
+        run = client(uri).get_run(run_id)
+    except MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run

@@ -17,6 +17,7 @@ from mlflow.entities import RunTag
 from ray import tune
 from ray.tune.experiment import Trial
 
+from comic.tracking import store
 from comic.tuning.trial import RUN_ID_KEY, STATE_TAG, TRIAL_TAG, TrialJob, find_trial_run, find_trial_runs
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class RunStates(tune.Callback):
             log.exception("could not mark the interrupted trials' MLflow runs KILLED")
 
     def _client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.tracking_uri)
+        return store.client(self.tracking_uri)
 
     def _close(self, trial: Trial, status: str, tags: dict[str, str]) -> None:
         """Never raises: a tracking hiccup must not stop the sweep (the Tune directory stays the source of truth)."""

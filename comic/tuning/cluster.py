@@ -17,12 +17,14 @@ from urllib.parse import urlparse
 
 import ray
 
+from comic._io import UserError
+
 log = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # trials exchange small dicts only; Ray's default would take 30% of RAM
 
 
-class TuneError(RuntimeError):
+class TuneError(UserError, RuntimeError):
     """A sweep or grid that cannot run as asked (bad storage, existing experiment, nothing to resume)."""
 
 
@@ -48,11 +50,12 @@ class Resources:
 
     def __post_init__(self) -> None:
         if self.cpus_per_trial <= 0:
-            raise ValueError(f"cpus_per_trial={self.cpus_per_trial}: must be > 0")
+            raise TuneError(f"cpus_per_trial={self.cpus_per_trial}: must be > 0 (--cpus-per-trial)")
         if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer()):
-            raise ValueError(f"gpus_per_trial={self.gpus_per_trial}: use a fraction in (0, 1] or a whole number")
+            raise TuneError(f"gpus_per_trial={self.gpus_per_trial}: use a fraction in (0, 1] or a whole number "
+                            "(--gpus-per-trial)")
         if self.max_concurrent < 0:
-            raise ValueError(f"max_concurrent={self.max_concurrent}: must be >= 0 (0 = no limit)")
+            raise TuneError(f"max_concurrent={self.max_concurrent}: must be >= 0, 0 = no limit (--max-concurrent)")
 
     def as_ray(self) -> dict[str, float]:
         return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
@@ -74,8 +77,8 @@ def absolute_storage(path: str | None) -> str:
     return str(Path(local).expanduser().resolve())
 
 
-def _ray_env(local: bool) -> None:
-    """Ray 2.60 reads these at start-up; every process of a local cluster must agree on the auth mode."""
+def _ray_env() -> None:
+    """Settings Ray 2.60 reads at start-up."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # CheckpointConfig(num_to_keep=1) (disk stays bounded) forces a state snapshot per checkpoint; Tune then warns
     # at every epoch that snapshots are frequent. That is the intended trade-off, not news.
@@ -83,15 +86,19 @@ def _ray_env(local: bool) -> None:
     # Tune's newer console output prints every metric of a trial in a box (dozens of lines per trial) even with
     # verbose=0; the classic output with verbose=0 leaves the console to our one-line-per-event progress callback.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if local:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # With RAY_AUTH_MODE unset, a new local instance uses Ray's own token auth (a token generated once in
+    # ~/.ray/auth_token, the mode passed on to every process Ray starts), so nobody else on the network can submit
+    # work to it; setting the mode here instead would come too late for this process's cached Ray config.
+
+
+_STARTED_HERE = [False]  # whether this process started the (local) Ray instance it is connected to
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to Ray: the running instance, `address` / $RAY_ADDRESS ('auto' on a `ray up` head), or a new local
     instance with `num_cpus` (default: all cores) and a small object store. True when a local instance was started."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    _ray_env(local=address is None)
+    _ray_env()
     if ray.is_initialized():
         return False
     if address:
@@ -101,7 +108,24 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
         return False
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
              include_dashboard=False, logging_level=logging.WARNING)
+    _STARTED_HERE[0] = True
     return True
+
+
+def check_resources(resources: Resources) -> None:
+    """Fail fast when no node can run one trial: a local instance this process started has every node it will ever
+    have (Ray would wait forever, repeating that no node type fits). On a cluster joined by address, an autoscaler may
+    still add such a node, so it is a warning there."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = resources.cpus_per_trial, resources.gpus_per_trial
+    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        return
+    have = "; ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes) or "none alive"
+    message = (f"no node of this Ray cluster can run a trial with {cpus:g} CPUs and {gpus:g} GPUs (nodes: {have}); "
+               "lower --cpus-per-trial / --gpus-per-trial")
+    if _STARTED_HERE[0]:
+        raise TuneError(message)
+    log.warning("%s, unless the cluster's autoscaler adds a node that has them", message)
 
 
 @contextlib.contextmanager
@@ -113,6 +137,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     finally:
         if started:
             ray.shutdown()
+            _STARTED_HERE[0] = False
 
 
 def check_cluster_storage(storage_path: str, tracking_uri: str, shared_storage: bool = False) -> None:

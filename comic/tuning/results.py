@@ -77,7 +77,10 @@ def log_results(parent: RunTracker, space: Mapping[str, Dimension], rows: list[d
     parent.log_table(rows, "trials")
     parent.log_text(markdown_table(rows, columns(space)), "tables/trials.md")
     counts = {state: sum(r["state"] == state for r in rows) for state in STATES}
-    parent.log_metrics({f"trials/{k.replace('-', '_')}": v for k, v in counts.items()}, step=0)
+    # Step = the driver session that ended (first run 1, each resume one more): the point at the highest step is the
+    # sweep's final state, even when a resume changes states without adding trials (--restart-errored).
+    step = (parent.last_step("trials/completed") or 0) + 1
+    parent.log_metrics({f"trials/{k.replace('-', '_')}": v for k, v in counts.items()}, step=step)
     parent.log_figure(study_plots.plot_optimization_history([r[METRIC] for r in rows], [r["state"] for r in rows],
                                                             METRIC), "plots/optimization_history.png")
     logs = tuple(k for k, d in space.items() if d.kind == "loguniform")
@@ -88,7 +91,7 @@ def log_results(parent: RunTracker, space: Mapping[str, Dimension], rows: list[d
         return
     parent.log_dict({k: best[k] for k in space}, "best_overrides.yaml")
     parent.log_dict(to_dict(best_config), "best_config.yaml")
-    parent.log_metrics({BEST_METRIC: best[METRIC], "best/test/map": best["test/map"]}, step=0)
+    parent.log_metrics({BEST_METRIC: best[METRIC], "best/test/map": best["test/map"]}, step=step)
     parent.set_tags({"sweep.best_trial": best["trial"], "sweep.best_run_id": best["mlflow_run_id"]})
 
 
@@ -150,4 +153,5 @@ def log_confirm(parent: RunTracker, summary: list[dict[str, Any]], space: Mappin
     parent.log_text(format_confirm(summary, space), "tables/confirm.md")
     metrics = {f"confirm/top{e['rank']}/{k.replace('best/', '').replace('/', '_')}_{stat}": e[f"{k}/{stat}"]
                for e in summary for k in CONFIRM_METRICS for stat in ("mean", "std")}
-    parent.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=0)
+    done = sum(e["n"] for e in summary)  # step = confirmation runs that finished (grows on a resume)
+    parent.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=done)

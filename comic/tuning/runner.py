@@ -10,16 +10,20 @@ it (logged at ERROR level).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pyarrow import fs as pa_fs
 from ray import tune
+from ray.tune.experiment import Trial
 
 from comic._io import stable_hash
 from comic.config import Config, absolute_paths, apply_overrides, to_dict
 from comic.data.build import ensure_benchmark
+from comic.data.features import prepare_features
 from comic.tracking.store import ensure_experiment, resolve_tracking_uri
 from comic.tuning.callbacks import Progress, RunStates
 from comic.tuning.cluster import (
@@ -28,6 +32,7 @@ from comic.tuning.cluster import (
     TuneInterrupted,
     absolute_storage,
     check_cluster_storage,
+    check_resources,
     connect_ray,
     experiment_path,
 )
@@ -41,14 +46,17 @@ MODE = "max"
 
 def prepare_configs(configs: Sequence[Config]) -> list[Config]:
     """Copies ready for trials: absolute data paths (trials run in other directories), no progress bars, and each
-    distinct benchmark built here once, before any trial starts (trials find it by its content hash)."""
+    distinct benchmark (and, profile frozen, its trunk-feature cache) built here once, before any trial starts:
+    trials find them by their content hash."""
     built: set[str] = set()
     out = []
     for cfg in configs:
         ready = absolute_paths(apply_overrides(cfg, {"engine.progress": False}))
-        key = stable_hash(to_dict(ready)["data"])
+        key = stable_hash(to_dict(ready)["data"] | {"model": to_dict(ready)["model"]})
         if key not in built:
             ensure_benchmark(ready.data)
+            if ready.model.profile == "frozen":
+                prepare_features(ready)
             built.add(key)
         out.append(ready)
     return out
@@ -67,23 +75,49 @@ def trial_trainable(job: TrialJob, resources: Resources) -> Any:
 
 
 def fit_tuner(path: str, trainable: Any, make_tuner: Callable[[], tune.Tuner], *, expected: int, resume: bool,
-              resume_errored: bool) -> tune.ResultGrid:
+              restart_errored: bool = False) -> tune.ResultGrid:
     """Fit a new Tuner, or restore the one at `path` (finished trials are kept, never re-run); `make_tuner()` builds
-    a new one. A new run refuses an existing experiment: Tune would mix two runs in one directory. Fewer than
-    `expected` ended trials afterwards means Tune was interrupted (it returns normally then)."""
+    a new one. A new run refuses an existing experiment: Tune would mix two runs in one directory. On restore,
+    errored trials resume from their last checkpoint, or with `restart_errored` start afresh.
+
+    Raises TuneInterrupted when the run stopped early (Ctrl-C, SIGUSR1, SIGTERM): fewer than `expected` trials, or a
+    trial that Tune's saved state does not show as ended. Tune returns normally then, and marks the trials it stopped
+    as terminated in memory only; the state it saved before stopping them is the truth."""
     exists = tune.Tuner.can_restore(path)
     if exists and not resume:
         raise TuneError(f"a Tune experiment already exists at {path}: resume it (--resume / resume=True) or choose "
                         "another name (--name)")
     if exists:
+        check_tune_state(path)
         log.info("resuming the Tune experiment at %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=resume_errored)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=not restart_errored, restart_errored=restart_errored)
     else:
         tuner = make_tuner()
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < expected:
+    saved = tune.ExperimentAnalysis(path).trials
+    if len(saved) < expected or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in saved):
         raise TuneInterrupted(path)
     return grid
+
+
+def check_tune_state(path: str) -> None:
+    """Refuse a Tune experiment whose newest state file is damaged, naming it (Tune's own error would be a
+    misleading 'no search space has been defined')."""
+    filesystem, folder = pa_fs.FileSystem.from_uri(path)
+    found = filesystem.get_file_info(pa_fs.FileSelector(folder))
+    states = sorted((f for f in found if f.base_name.startswith("experiment_state") and f.base_name.endswith(".json")),
+                    key=lambda f: f.base_name)
+    if not states:
+        return
+    newest = states[-1]
+    try:
+        with filesystem.open_input_stream(newest.path) as fh:
+            json.loads(fh.read().decode())
+    except (OSError, ValueError) as err:
+        raise TuneError(f"the Tune state file {newest.path} is damaged ({type(err).__name__}: {err}); delete it to "
+                        "resume from the state before it, if there is one, or start a new sweep with another --name"
+                        ) from err
 
 
 def run_configs(configs: list[Config], *, names: list[str], storage_path: str, name: str, tracking_uri: str,
@@ -104,6 +138,7 @@ def run_configs(configs: list[Config], *, names: list[str], storage_path: str, n
         raise ValueError(f"{len(configs)} configs need as many names ({len(names)}) and tags "
                          f"({'none' if tags is None else len(tags)})")
     connect_ray()
+    check_resources(resources)
     uri, storage = resolve_tracking_uri(tracking_uri), absolute_storage(storage_path)
     check_cluster_storage(storage, uri, shared_storage)
     ensure_experiment(uri, experiment)
@@ -118,8 +153,7 @@ def run_configs(configs: list[Config], *, names: list[str], storage_path: str, n
                                                       trial_name_creator=_CellName(tuple(names))),
                           run_config=make_run_config(name, storage, max_failures, all_callbacks))
 
-    grid = fit_tuner(experiment_path(storage, name), trainable, make_tuner, expected=len(configs), resume=resume,
-                     resume_errored=True)
+    grid = fit_tuner(experiment_path(storage, name), trainable, make_tuner, expected=len(configs), resume=resume)
     if len(grid) != len(configs):
         raise TuneError(f"the Tune experiment {experiment_path(storage, name)} holds {len(grid)} trials, not "
                         f"{len(configs)}: resume it with the configs it was started with, or choose another name")

@@ -8,6 +8,7 @@ needs only the storage path and the name. The trial table, plots and the best co
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from comic.tuning.cluster import (
     TuneError,
     absolute_storage,
     check_cluster_storage,
+    check_resources,
     connect_ray,
     experiment_path,
     is_remote_path,
@@ -41,6 +43,24 @@ from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, parse_sp
 from comic.tuning.trial import SweepTrialName, TrialJob
 
 STATE_FILE = "comic_sweep.json"
+log = logging.getLogger(__name__)
+
+
+class RestartableOptunaSearch(OptunaSearch):
+    """OptunaSearch that tolerates a trial `--restart-errored` runs again: Optuna already closed that trial as failed
+    (an Optuna trial cannot be reopened), so the rerun's results go to Tune and MLflow only, not to the sampler.
+    Without this, Ray's OptunaSearch raises KeyError on the rerun's first result and the sweep dies."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+        else:
+            log.info("trial %s was restarted after an error; Optuna counted it as failed and does not learn from "
+                     "its rerun", trial_id)
 
 
 @dataclass
@@ -65,12 +85,12 @@ class SweepSpec:
 
     def check(self) -> None:
         if self.num_samples < 1:
-            raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
+            raise TuneError(f"num_samples={self.num_samples}: must be >= 1 (--num-samples)")
         if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ValueError("grace_period must be >= 1 and reduction_factor >= 2")
+            raise TuneError("grace_period must be >= 1 and reduction_factor >= 2 (--grace-period, --reduction-factor)")
         seeds = list(self.confirm_seeds)
         if self.confirm_top < 0 or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError("confirm_top must be >= 0 and the confirmation seeds distinct non-negative integers")
+            raise TuneError("--confirm-top must be >= 0 and --seeds distinct non-negative integers")
 
     @property
     def path(self) -> str:
@@ -94,7 +114,8 @@ class SweepResult:
     confirm: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _resolve(spec: SweepSpec) -> SweepSpec:
+def resolved(spec: SweepSpec) -> SweepSpec:
+    """`spec` checked, with its name (default sweep-<time>), absolute storage path and tracking URI fixed."""
     spec.check()
     name = spec.name or time.strftime("sweep-%Y%m%d-%H%M%S")
     return replace(spec, name=name, storage_path=absolute_storage(spec.storage_path),
@@ -118,20 +139,25 @@ def load_sweep(storage_path: str | None, name: str | None = None) -> tuple[Sweep
     """The saved spec and parent run id of sweep `name` (default: the latest one in a local storage path)."""
     storage = absolute_storage(storage_path)
     name = name or _latest_sweep(storage)
-    filesystem, path = fs.FileSystem.from_uri(f"{experiment_path(storage, name)}/{STATE_FILE}")
+    location = f"{experiment_path(storage, name)}/{STATE_FILE}"
+    filesystem, path = fs.FileSystem.from_uri(location)
     try:
         with filesystem.open_input_stream(path) as fh:
             state = json.loads(fh.read().decode())
+        spec = SweepSpec(base=from_dict(state["base"]), space=parse_space(state["space"]),
+                         num_samples=state["num_samples"], seed=state["seed"], grace_period=state["grace_period"],
+                         reduction_factor=state["reduction_factor"], resources=Resources(**state["resources"]),
+                         max_failures=state["max_failures"], storage_path=storage, name=name,
+                         tracking_uri=state["tracking_uri"], experiment=state["experiment"],
+                         shared_storage=state["shared_storage"])
+        return spec, state["parent_run_id"]
     except FileNotFoundError as err:
         raise TuneError(f"no sweep to resume at {experiment_path(storage, name)} (no {STATE_FILE}); check "
                         "--storage-path and --name") from err
-    spec = SweepSpec(base=from_dict(state["base"]), space=parse_space(state["space"]),
-                     num_samples=state["num_samples"], seed=state["seed"], grace_period=state["grace_period"],
-                     reduction_factor=state["reduction_factor"], resources=Resources(**state["resources"]),
-                     max_failures=state["max_failures"], storage_path=storage, name=name,
-                     tracking_uri=state["tracking_uri"], experiment=state["experiment"],
-                     shared_storage=state["shared_storage"])
-    return spec, state["parent_run_id"]
+    except (ValueError, KeyError, TypeError) as err:  # truncated JSON, a missing or mistyped setting
+        what = f"missing {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise TuneError(f"the sweep state {location} is damaged ({what}); restore the file, or start a new sweep "
+                        "with another --name") from err
 
 
 def _latest_sweep(storage: str) -> str:
@@ -143,15 +169,19 @@ def _latest_sweep(storage: str) -> str:
     return found[-1].parent.name
 
 
-def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> SweepResult:
+def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = False,
+              callbacks: Sequence[Any] = ()) -> SweepResult:
     """Run (or with `resume`, continue) an Optuna TPE + ASHA sweep under one MLflow parent run; then, if
-    `spec.confirm_top`, rerun the best configs over `spec.confirm_seeds` without early stopping.
+    `spec.confirm_top`, rerun the best configs over `spec.confirm_seeds` without early stopping. A resume retries
+    errored trials from their last checkpoint, or with `restart_errored` from scratch (a checkpoint that cannot be
+    read).
 
     Connects to Ray first if needed (see `connect_ray`). Raises TuneInterrupted when stopped before the end
     (the parent run ends KILLED; `resume=True` with the same storage path and name continues it).
     """
-    spec = _resolve(spec)
+    spec = resolved(spec)
     connect_ray()
+    check_resources(spec.resources)
     check_cluster_storage(spec.storage_path, spec.tracking_uri, spec.shared_storage)
     parent_id = _parent_for(spec, resume)
     spec = replace(spec, base=prepare_configs([spec.base])[0])
@@ -161,7 +191,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[Any]
         if parent_id is None:
             _save_state(spec, parent.run_id)
         results.log_inputs(parent, _settings(spec), spec.space, spec.base)
-        grid = _search(spec, parent.run_id, resume, callbacks)
+        grid = _search(spec, parent.run_id, resume, restart_errored, callbacks)
         rows = results.trial_rows(grid, spec.space, spec.base.train.epochs)
         best = results.best_row(grid, rows)
         best_config = apply_overrides(spec.base, {k: best[k] for k in spec.space}) if best else None
@@ -203,7 +233,8 @@ def _parent_for(spec: SweepSpec, resume: bool) -> str | None:
     return None
 
 
-def _search(spec: SweepSpec, parent_run_id: str, resume: bool, callbacks: Sequence[Any]) -> tune.ResultGrid:
+def _search(spec: SweepSpec, parent_run_id: str, resume: bool, restart_errored: bool,
+            callbacks: Sequence[Any]) -> tune.ResultGrid:
     job = TrialJob(spec.tracking_uri, spec.experiment, parent_run_id, "search", base=to_dict(spec.base))
     trainable = trial_trainable(job, spec.resources)
     point = default_point(spec.space, spec.base)
@@ -211,7 +242,7 @@ def _search(spec: SweepSpec, parent_run_id: str, resume: bool, callbacks: Sequen
     all_callbacks = [RunStates(job), Progress(job, METRIC, tuple(spec.space)), *callbacks]
 
     def make_tuner() -> tune.Tuner:
-        searcher = OptunaSearch(points_to_evaluate=[point] if point else None, seed=spec.seed)
+        searcher = RestartableOptunaSearch(points_to_evaluate=[point] if point else None, seed=spec.seed)
         # The epoch is ASHA's clock; a trial that reaches its last epoch is never stopped there (stop_last_trials).
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(spec.grace_period, epochs),
                                   reduction_factor=spec.reduction_factor, stop_last_trials=False)
@@ -221,9 +252,8 @@ def _search(spec: SweepSpec, parent_run_id: str, resume: bool, callbacks: Sequen
         return tune.Tuner(trainable, param_space={k: d.to_tune() for k, d in spec.space.items()}, tune_config=config,
                           run_config=make_run_config(spec.name, spec.storage_path, spec.max_failures, all_callbacks))
 
-    # An errored search trial is a result of its hyperparameters (e.g. divergence): resume does not retry it.
     return fit_tuner(spec.path, trainable, make_tuner, expected=spec.num_samples, resume=resume,
-                     resume_errored=False)
+                     restart_errored=restart_errored)
 
 
 def _confirm(spec: SweepSpec, rows: list[dict[str, Any]], parent: RunTracker) -> list[dict[str, Any]]:

@@ -24,8 +24,11 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from comic._io import make_temp_dir, remove_stale_temps
+from comic.checkpoint import CheckpointError
 from comic.config import Config, apply_overrides, from_dict
 from comic.engine import RunState
+from comic.tracking import store
+from comic.tracking.client import ERROR_TAG
 from comic.tracking.run import RUN_ID_FILE, tracked_fit
 from comic.tracking.store import search_all_runs
 
@@ -103,8 +106,25 @@ def comic_trial(config: dict[str, Any], job: TrialJob) -> None:
         tracked_fit(cfg, tracking_uri=job.tracking_uri, experiment=job.experiment, workdir=workdir,
                     run_name=run_name or context.get_trial_name(), parent_run_id=job.parent_run_id,
                     report=_Reporter(workdir), tags=tags, detach_on_exit=True)
+    except CheckpointError as err:
+        origin = tune.get_checkpoint()
+        if origin is None:
+            raise
+        # The checkpoint was copied into a temporary folder; name Tune's own copy and the way out, in Tune's error
+        # and in the run's error tag (which the trial's run wrote with the temporary path).
+        named = CheckpointError(f"the checkpoint of trial {context.get_trial_name()} in {origin.path} cannot be read "
+                                f"({err.__cause__ or err}); rerun with --resume --restart-errored to start that trial "
+                                "afresh")
+        _retag_error(workdir, job.tracking_uri, f"CheckpointError: {named}")
+        raise named from err
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _retag_error(workdir: Path, tracking_uri: str, text: str) -> None:
+    run_file = workdir / RUN_ID_FILE
+    if run_file.is_file():
+        store.client(tracking_uri).set_tag(run_file.read_text().strip(), ERROR_TAG, text[:8000])
 
 
 @dataclass(frozen=True)
@@ -133,7 +153,7 @@ def _adopt_existing_run(workdir: Path, job: TrialJob, trial_id: str) -> None:
     from 1; the steps that run already holds are not logged again (a seeded run recomputes the same values)."""
     if (workdir / RUN_ID_FILE).is_file():
         return
-    run = find_trial_run(MlflowClient(tracking_uri=job.tracking_uri), job.experiment, job.parent_run_id, trial_id)
+    run = find_trial_run(store.client(job.tracking_uri), job.experiment, job.parent_run_id, trial_id)
     if run is not None:
         (workdir / RUN_ID_FILE).write_text(run.info.run_id)
         log.info("trial %s restarts from scratch in its MLflow run %s", trial_id, run.info.run_id)

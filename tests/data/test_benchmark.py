@@ -316,3 +316,24 @@ def test_plt_voc_builds_from_xml_and_imagesets(tmp_path: Path, capsys) -> None:
     (voc12 / "Annotations" / "2012_000003.xml").write_text("<annotation><object><name>cat</name></object>"
                                                            "</annotation>")
     assert cli_main(explicit) == 0 and str(built) not in capsys.readouterr().out  # XML edits change the hash
+
+
+def test_a_validation_split_that_eats_the_pool_is_warned_about(source: Path, tmp_path: Path, caplog) -> None:
+    """Issue 13 row 15: --longtail none with a --val-size over half the pool builds, with a warning naming the flag
+    and how many images are left to train on."""
+    with caplog.at_level("WARNING", logger="comic.data.build"):
+        bench = load_benchmark(_build(source, tmp_path / "out", BuildParams(longtail="none", val_size=40)))
+    assert len(bench.train) == 20 and len(bench.val) == 40
+    (record,) = [r for r in caplog.records if "--val-size" in r.getMessage()]
+    assert "only 20 are left to train on" in record.getMessage()
+
+
+@pytest.mark.parametrize("damage", ["manifest", "card"])
+def test_a_damaged_manifest_or_card_is_named_with_the_way_out(damage: str, source: Path, tmp_path: Path) -> None:
+    """Issue 13: a real truncated manifest (Parquet without its footer) or card -> BenchmarkError naming the file and
+    saying to delete the folder to have it rebuilt."""
+    built = _build(source, tmp_path / "out")
+    target = built / (MANIFEST if damage == "manifest" else CARD_JSON)
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(BenchmarkError, match=f"{target}: damaged .*delete the folder {built}"):
+        load_benchmark(built)

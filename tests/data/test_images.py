@@ -143,3 +143,25 @@ def test_reseeding_the_loader_generator_pins_the_epoch(bench: Benchmark) -> None
     (a1, a2, a1_again), (b1, b2, b1_again) = runs
     assert torch.equal(a1, a1_again) and not torch.equal(a1, a2)
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(b1, b1_again)
+
+
+@pytest.mark.parametrize("damage", ["truncated cache", "missing meta file", "meta file not JSON"])
+def test_a_damaged_cache_is_named_and_rebuilt(damage: str, built: Path, tmp_path: Path, caplog) -> None:
+    """Issue 13 row 'damaged caches': a real truncated Arrow file or a broken meta file -> a warning naming the file,
+    then the cache is rebuilt and gives the same tensors as decoding."""
+    copy = load_benchmark(Path(shutil.copytree(built, tmp_path / built.name, ignore=shutil.ignore_patterns("cache"))))
+    images.build_loaders(copy, _data(), BATCH, seed=0)
+    cache = copy.root / "cache" / f"val-{SIZE}px-v{images.CACHE_VERSION}.arrow"
+    meta = cache.with_name(cache.name + ".json")
+    if damage == "truncated cache":
+        cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    elif damage == "missing meta file":
+        meta.unlink()
+    else:
+        meta.write_text("{not json")
+    with caplog.at_level("WARNING", logger="comic.data.images"):
+        rebuilt = images.build_loaders(copy, _data(), BATCH, seed=0)
+    assert any(str(cache) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records), caplog.text
+    decoded = images.build_loaders(copy, _data(), BATCH, seed=0, cache=False)
+    for x, y in zip(_epoch(rebuilt["val"]), _epoch(decoded["val"]), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(x, y, strict=True))

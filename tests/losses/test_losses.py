@@ -226,6 +226,40 @@ def test_htb_kappas_sum_to_one_for_any_loss_size():
         assert (kappa_h + (1 - kappa_h)).item() == pytest.approx(1.0, abs=1e-6)
 
 
+def _bce_rows(z, q):
+    """Soft-target BCE of logits z against targets q, per row (numpy)."""
+    return -np.sum(q * np.log(_sigmoid(z)) + (1 - q) * np.log(1 - _sigmoid(z)), axis=1)
+
+
+@pytest.mark.parametrize("rule", ["paper", "inverse", "per-sample", "head", "tail"])
+def test_htb_kappa_rules_match_hand_formulas(rule):
+    z_h, y = _data(21)
+    z_t, _ = _data(22)
+    z_b, _ = _data(23)
+    loss, kappa_mean = HTBLoss(BCE(), alpha=2.0, kappa=rule)(z_h, z_t, z_b, y)
+    zh, zt, zb, yn = (t.numpy() for t in (z_h, z_t, z_b, y))
+    a_h, a_t = _bce_rows(zh, yn), _bce_rows(zt, yn)  # the classification loss per image
+    k = {"paper": _kappa(a_h.sum(), a_t.sum()), "inverse": 1 - _kappa(a_h.sum(), a_t.sum()),
+         "per-sample": a_h**2 / (a_h**2 + a_t**2), "head": 1.0, "tail": 0.0}[rule]
+    d_h, d_t = _bce_rows(zb, _sigmoid(zh)), _bce_rows(zb, _sigmoid(zt))
+    assert loss.item() == pytest.approx(np.sum(k * d_h + (1 - k) * d_t), rel=1e-6)
+    assert kappa_mean.item() == pytest.approx(np.mean(k), rel=1e-6)
+
+
+def test_htb_mfm_variant_is_kd_when_mfm_is_plain_bce():
+    """Soft targets through the classification loss: with MFM reduced to BCE (no focusing, clip or weights) the
+    `mfm` distillation is the `kd` one; with MFM's factors it weighs entries differently."""
+    z_h, y = _data(24)
+    z_t, _ = _data(25)
+    z_b, _ = _data(26)
+    plain = MFMLoss(COUNTS, gamma_pos=0.0, gamma_neg=0.0, use_ht=False, clip=0.0)
+    kd, _ = HTBLoss(plain, variant="kd")(z_h, z_t, z_b, y)
+    through_loss, _ = HTBLoss(plain, variant="mfm")(z_h, z_t, z_b, y)
+    assert through_loss.item() == pytest.approx(kd.item(), rel=1e-6)
+    focal, _ = HTBLoss(MFMLoss(COUNTS), variant="mfm")(z_h, z_t, z_b, y)
+    assert 0 < focal.item() < kd.item()  # the focusing factors (< 1) shrink the terms
+
+
 def _comic_out(seed: int, dtype=torch.float64, scale: float = 3.0) -> tuple[ComicOutput, torch.Tensor]:
     fields = []
     for k in range(5):

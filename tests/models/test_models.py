@@ -10,7 +10,7 @@ import torchvision
 
 from comic.config import load_config
 from comic.losses import ComicCriterion
-from comic.models import BackboneWeightsError, BaselineNet, ComicNet, ComicOutput, build_backbone
+from comic.models import BackboneWeightsError, BaselineNet, ComicNet, ComicOutput, build_trunk
 from comic.models.layers import NormalizedClassifier
 
 NUM_CLASSES = 5
@@ -73,18 +73,19 @@ def test_every_switch_runs_forward_and_backward(name):
 def test_gradient_routing_between_the_three_models():
     _, net, crit, images, observed = _setup("model.profile=finetune")
     losses, _ = crit.model_losses(net(images), observed)
-    head_tail = _params(net.head) + _params(net.tail)
-    balanced = _params(net.balanced) + _params(net.attention)
+    own = net.trunks.own
+    head_tail = _params(net.head) + _params(net.tail) + _params(own["head"]) + _params(own["tail"])
+    balanced = _params(net.balanced) + _params(net.attention) + _params(own["balanced"])
     from_balanced = torch.autograd.grad(losses["balanced"], head_tail, allow_unused=True, retain_graph=True)
     assert all(g is None for g in from_balanced)  # detached attention keys, HTB teachers and kappa
     head_tail_loss = losses["head"] + losses["tail"]
     from_head_tail = torch.autograd.grad(head_tail_loss, balanced, allow_unused=True, retain_graph=True)
     assert all(g is None for g in from_head_tail)
-    own = torch.autograd.grad(head_tail_loss, head_tail, retain_graph=True)
+    alone = torch.autograd.grad(head_tail_loss, head_tail, retain_graph=True)
     sum(losses.values()).backward()  # one backward of the full loss: head / tail .grad are their own terms' only
-    for param, expected in zip(head_tail, own, strict=True):
+    for param, expected in zip(head_tail, alone, strict=True):
         torch.testing.assert_close(param.grad, expected)
-    assert all(p.grad is not None for p in _params(net.balanced.features.trunk))
+    assert all(p.grad is not None for p in _params(own["balanced"]))
 
 
 def test_param_groups_cover_each_trainable_parameter_once():
@@ -113,7 +114,8 @@ def test_param_groups_cover_each_trainable_parameter_once():
 
 def test_released_profile_freezes_trunk_but_bn_statistics_adapt():
     cfg, net, *_ = _setup("model.profile=released")
-    trunk = net.balanced.features.trunk
+    trunk = net.trunks.shared  # one trunk for the three models
+    assert not net.trunks.own and sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 3
     assert not any(p.requires_grad for p in trunk.parameters())
     assert "balanced/trunk" not in [g["name"] for g in net.param_groups(cfg.optim)]
     bn = next(m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -132,7 +134,7 @@ def test_moving_vector_updates_in_training_only_and_is_saved():
     out = net(images)
     torch.testing.assert_close(out.z_h_hat, out.z_h)  # e = 0 before any training step: no shift, no NaN
     net.train()
-    f = net.head.features(images)
+    f = net.head.features(net.trunks(images)["head"])
     net(images)
     torch.testing.assert_close(net.head.moving.e, f.mean(0))  # Eq. 7 from e = 0: mu * 0 + mean(f)
     net(images)
@@ -172,7 +174,7 @@ def test_forward_is_capturable_without_graph_breaks():
 
 @pytest.mark.parametrize("name, width", [("resnet18", 512), ("resnet50", 2048)])
 def test_resnet_backbones_without_weights(name, width):
-    trunk, out_width = build_backbone(load_config("synthetic", [f"model.backbone={name}", "model.weights=none"]).model)
+    trunk, out_width = build_trunk(load_config("synthetic", [f"model.backbone={name}", "model.weights=none"]).model)
     assert out_width == width
     if name == "resnet18":
         assert trunk(torch.randn(2, 3, 64, 64)).shape == (2, width)
@@ -182,10 +184,10 @@ def test_backbone_weights_from_a_state_dict_file(tmp_path):
     source = torchvision.models.resnet18(weights=None)
     torch.save(source.state_dict(), tmp_path / "r18.pth")  # a full classifier state dict: its fc is ignored
     cfg = load_config("synthetic", ["model.backbone=resnet18", f"model.weights={tmp_path / 'r18.pth'}"]).model
-    trunk, _ = build_backbone(cfg)
+    trunk, _ = build_trunk(cfg)
     torch.testing.assert_close(trunk.conv1.weight, source.conv1.weight)
     with pytest.raises(BackboneWeightsError, match="neither"):
-        build_backbone(load_config("synthetic", [f"model.weights={tmp_path / 'missing.pth'}"]).model)
+        build_trunk(load_config("synthetic", [f"model.weights={tmp_path / 'missing.pth'}"]).model)
 
 
 def test_imagenet_weights_offline_raise_a_clear_error(tmp_path, monkeypatch):
@@ -194,13 +196,13 @@ def test_imagenet_weights_offline_raise_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # the network boundary
     cfg = load_config("synthetic", ["model.backbone=resnet18", "model.weights=imagenet"]).model
     with pytest.raises(BackboneWeightsError, match=r"model\.weights=/path/to/resnet18-.*\.pth") as err:
-        build_backbone(cfg)
+        build_trunk(cfg)
     assert str(tmp_path) in str(err.value)
     with pytest.raises(BackboneWeightsError, match="no ImageNet weights"):
-        build_backbone(load_config("synthetic", ["model.weights=imagenet"]).model)  # tiny
+        build_trunk(load_config("synthetic", ["model.weights=imagenet"]).model)  # tiny
 
 
 def test_groups_must_divide_the_feature_width():
@@ -208,3 +210,81 @@ def test_groups_must_divide_the_feature_width():
         ComicNet(load_config("synthetic", BASE + ["model.groups=3"]).model, NUM_CLASSES)
     net = ComicNet(load_config("synthetic", BASE + ["model.groups=4"]).model, NUM_CLASSES)
     assert torch.isfinite(net(torch.randn(2, 3, 16, 16)).logits).all()
+
+
+@pytest.mark.parametrize("name, width", [("mobilenet_v2", 1280), ("mobilenet_v3_small", 1024),
+                                         ("efficientnet_b0", 1280), ("convnext_tiny", 768), ("resnet18", 512)])
+def test_any_torchvision_classifier_gives_its_penultimate_features(name, width):
+    """The classifier is found whatever it is called (fc, classifier[1], classifier[3], classifier[2]) and removed
+    with its Dropout: the trunk returns the input of the last Linear layer."""
+    model = torchvision.models.get_model(name, weights=None).eval()
+    trunk, out_width = build_trunk(load_config("synthetic", [f"model.backbone={name}", "model.weights=none"]).model)
+    trunk.load_state_dict({k: v for k, v in model.state_dict().items() if k in trunk.state_dict()})
+    trunk.eval()
+    captured = {}
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last.register_forward_hook(lambda module, inputs, output: captured.setdefault("x", inputs[0]))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(images)
+        features = trunk(images)
+    assert out_width == width == features.shape[1]
+    torch.testing.assert_close(features, captured["x"])
+
+
+def test_unknown_backbone_names_the_closest():
+    with pytest.raises(BackboneWeightsError, match="did you mean resnet50"):
+        build_trunk(load_config("synthetic", ["model.backbone=resnt50"]).model)
+
+
+def test_imagenet_mobilenet_v2_loads_from_the_hub_cache_offline(offline_imagenet):
+    cfg = load_config("synthetic", ["model.backbone=mobilenet_v2", "model.weights=imagenet"]).model
+    trunk, width = build_trunk(cfg)
+    state = torch.load(offline_imagenet, map_location="cpu", weights_only=True)
+    assert width == 1280 and state["classifier.1.weight"].shape == (1000, 1280)
+    torch.testing.assert_close(trunk.features[0][0].weight, state["features.0.0.weight"])
+    torch.testing.assert_close(trunk.features[18][1].running_var, state["features.18.1.running_var"])
+
+
+def _three_trunks(cfg, width_source: ComicNet) -> ComicNet:
+    """The earlier released design: three frozen trunks (profile finetune, frozen by hand), other weights copied."""
+    three = ComicNet(load_config("synthetic", BASE_PRETRAINED + ["model.profile=finetune"]).model, NUM_CLASSES)
+    for trunk in three.trunks.own.values():
+        trunk.requires_grad_(False)
+    heads = {k: v for k, v in width_source.state_dict().items() if not k.startswith("trunks.")}
+    missing, unexpected = three.load_state_dict(heads, strict=False)
+    assert not unexpected and all(k.startswith("trunks.") for k in missing)
+    return three
+
+
+BASE_PRETRAINED = ["model.backbone=mobilenet_v2", "model.weights=imagenet", "model.feat_dim=32"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_shared_trunk_equals_three_trunks(offline_imagenet, train):
+    """One shared trunk forward == three identical frozen trunks: logits, losses and updated BatchNorm statistics."""
+    cfg = load_config("synthetic", BASE_PRETRAINED + ["model.profile=released"])
+    torch.manual_seed(0)
+    shared = ComicNet(cfg.model, NUM_CLASSES)
+    three = _three_trunks(cfg, shared)
+    images = torch.randn(4, 3, 64, 64)
+    observed = (torch.rand(4, NUM_CLASSES) < 0.4).float()
+    outputs, losses = [], []
+    for net in (shared, three):
+        net.train(train)
+        torch.manual_seed(1)  # the attention's dropout draws the same mask in both
+        out = net(images)
+        outputs.append(out)
+        losses.append(ComicCriterion.from_config(cfg, COUNTS)(out, observed)[0])
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(losses[0], losses[1])
+    stats = {k: v for k, v in shared.trunks.shared.state_dict().items() if "running" in k}
+    assert stats
+    for trunk in three.trunks.own.values():
+        for key, value in trunk.state_dict().items():
+            if "running" in key:
+                torch.testing.assert_close(value, stats[key])
+    imagenet = build_trunk(cfg.model)[0].state_dict()
+    moved = any(not torch.equal(value, imagenet[key]) for key, value in stats.items() if "num_batches" not in key)
+    assert moved == train  # train mode updated the statistics (identically), eval mode left ImageNet's

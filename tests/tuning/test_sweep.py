@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from ray import tune
+from sweep_helpers import InterruptMidTrial, runs_of, spec_for, steps_of
 
 from comic.config import ConfigError, load_config
 from comic.tracking.client import RunTracker
@@ -25,7 +26,7 @@ from comic.tuning.cluster import Resources, TuneError, TuneInterrupted, absolute
 from comic.tuning.results import format_confirm, format_trials, markdown_table, summarize_confirm
 from comic.tuning.runner import fit_metrics, run_configs
 from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, load_space, parse_space, with_learning_rate
-from comic.tuning.sweep import SweepSpec, load_sweep, run_sweep
+from comic.tuning.sweep import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = str(REPO / "experiments" / "sweep.py")
@@ -114,60 +115,15 @@ def test_cli_rejects_bad_input_naming_the_fix(tmp_path, monkeypatch, capsys, scr
         assert err.startswith("error: ") and message in err, (args, err)
 
 
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _spec(tmp_path: Path, smoke_overrides: dict, **changes) -> SweepSpec:
-    overrides = smoke_overrides | changes.pop("overrides", {})
-    base = load_config("synthetic", overrides)
-    fields = {"base": base, "space": parse_space(DEFAULT_SPACE, base), "num_samples": 5, "grace_period": 1,
-              "reduction_factor": 2, "resources": Resources(1, 0, 1), "storage_path": str(tmp_path / "ray_results"),
-              "name": "sweep", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweeps"}
-    return SweepSpec(**(fields | changes))
-
-
-def _runs(uri: str, experiment: str) -> tuple[list, dict[str, list]]:
-    """(top-level runs, {parent run id: child runs}) of an experiment."""
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
-    children: dict[str, list] = {}
-    for run in runs:
-        parent = run.data.tags.get("mlflow.parentRunId")
-        if parent:
-            children.setdefault(parent, []).append(run)
-    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags], children
-
-
-def _steps(uri: str, run_id: str, key: str = "val/map") -> list[int]:
-    return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
-
-
-class InterruptMidTrial(tune.Callback):
-    """Sends this process SIGUSR1 (Tune's graceful stop, as Ctrl-C) when a trial reports its first epoch after `n`
-    trials have ended, so the driver stops with that trial cut off mid-run. Tune restores the callback with the
-    experiment on resume, so a marker file makes it fire once."""
-
-    def __init__(self, n: int, marker: Path) -> None:
-        self.n, self.marker, self.ended = n, str(marker), 0
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.ended += 1
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if self.ended >= self.n and result.get("epoch") == 1 and not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
 # --------------------------------------------------------------------------------------------- Ray
 
 
 @pytest.mark.ray
 def test_optuna_asha_sweep_logs_a_clean_hierarchy(ray_local, smoke_overrides, tmp_path):
     """(a) TPE + ASHA: one parent, one child per trial, early-stopped trials tagged, nothing left RUNNING."""
-    spec = _spec(tmp_path, smoke_overrides, overrides={"train.epochs": 3})
+    spec = spec_for(tmp_path, smoke_overrides, overrides={"train.epochs": 3})
     result = run_sweep(spec)
-    tops, children = _runs(spec.tracking_uri, "sweeps")
+    tops, children = runs_of(spec.tracking_uri, "sweeps")
     assert [r.info.run_id for r in tops] == [result.parent_run_id]
     parent = tops[0]
     assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep"
@@ -181,7 +137,7 @@ def test_optuna_asha_sweep_logs_a_clean_hierarchy(ray_local, smoke_overrides, tm
     for row in result.trials:
         run = by_id[row["mlflow_run_id"]]
         assert run.info.run_name == row["trial"] and run.data.tags["tune.state"] == row["state"]
-        assert _steps(spec.tracking_uri, run.info.run_id) == list(range(1, row["epochs"] + 1))
+        assert steps_of(spec.tracking_uri, run.info.run_id) == list(range(1, row["epochs"] + 1))
         if row["state"] == "early-stopped":
             assert run.data.tags["early_stopped"] == "true" and int(run.data.tags["stopped_at_epoch"]) < 3
         else:
@@ -244,13 +200,13 @@ def test_trials_log_over_http_and_a_trial_that_fails_for_good(ray_local, mlflow_
                               tracking_uri=mlflow_server, experiment="http-grid", parent_run_id=parent.run_id,
                               resources=Resources(1, 0, 2), max_failures=0, tags=[{"arm": "good"}, {"arm": "bad"}])
     assert metrics[0]["epoch"] == 2 and 0 < metrics[0]["best/val/map"] <= 100 and metrics[1] == {}
-    _, children = _runs(mlflow_server, "http-grid")
+    _, children = runs_of(mlflow_server, "http-grid")
     runs = {r.info.run_name: r for r in children[parent.run_id]}
     assert set(runs) == {"good", "bad"}
     assert runs["good"].info.status == "FINISHED" and runs["good"].data.tags["arm"] == "good"
     assert runs["bad"].info.status == "FAILED" and runs["bad"].data.tags["tune.state"] == "errored"
     assert "missing.pt" in runs["bad"].data.tags["error"]
-    assert _steps(mlflow_server, runs["good"].info.run_id) == [1, 2]
+    assert steps_of(mlflow_server, runs["good"].info.run_id) == [1, 2]
     client = MlflowClient(tracking_uri=mlflow_server)
     assert "config.yaml" in {a.path for a in client.list_artifacts(runs["good"].info.run_id)}
     assert any((tmp_path / "served").rglob("config.yaml"))  # uploaded through the server's artifact proxy
@@ -279,12 +235,12 @@ def test_killed_trial_resumes_into_the_same_run(ray_local, smoke_overrides, tmp_
                              tracking_uri=uri, experiment="crash", parent_run_id=None, resources=Resources(),
                              max_failures=1, callbacks=[KillWorkerAfter(2, tmp_path / "killed")])
     assert (tmp_path / "killed").is_file() and metrics["epoch"] == 3
-    tops, _ = _runs(uri, "crash")
+    tops, _ = runs_of(uri, "crash")
     (run,) = tops
     assert run.info.status == "FINISHED" and run.data.tags["tune.state"] == "completed"
     assert run.data.tags["resume_count"] == "1"
-    for key in ("val/map", "train/loss", "test/map"):
-        assert _steps(uri, run.info.run_id, key) == [1, 2, 3], key
+    for key in ("val/map", "train/loss", "best/test/map"):
+        assert steps_of(uri, run.info.run_id, key) == [1, 2, 3], key
     assert run.data.metrics["best/val/map"] == metrics["best/val/map"]
 
 
@@ -294,10 +250,10 @@ def test_killed_trial_resumes_into_the_same_run(ray_local, smoke_overrides, tmp_
 def test_interrupted_sweep_resumes_without_duplicates(ray_local, smoke_overrides, tmp_path):
     """(f) Stop the driver mid-trial after 2 trials (SIGUSR1 = Tune's Ctrl-C), then resume: the cut-off trial continues
     in its own run, the rest run, nothing runs twice and no child run is duplicated."""
-    spec = _spec(tmp_path, smoke_overrides, num_samples=4)
+    spec = spec_for(tmp_path, smoke_overrides, num_samples=4)
     with pytest.raises(TuneInterrupted):
         run_sweep(spec, callbacks=[InterruptMidTrial(2, tmp_path / "fired")])
-    tops, children = _runs(spec.tracking_uri, "sweeps")
+    tops, children = runs_of(spec.tracking_uri, "sweeps")
     (parent,) = tops
     assert parent.info.status == "KILLED"
     before = {r.info.run_id: r for r in children[parent.info.run_id]}
@@ -311,7 +267,7 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_local, smoke_overrides
     assert parent_id == parent.info.run_id and saved.num_samples == 4 and saved.base == spec.base
     result = run_sweep(saved, resume=True)
     assert result.parent_run_id == parent.info.run_id and len(result.trials) == 4
-    tops, children = _runs(spec.tracking_uri, "sweeps")
+    tops, children = runs_of(spec.tracking_uri, "sweeps")
     assert [r.info.status for r in tops] == ["FINISHED"]
     after = {r.info.run_id: r for r in children[parent.info.run_id]}
     assert len(after) == 4 and len({r.data.tags["tune.trial_id"] for r in after.values()}) == 4
@@ -324,7 +280,7 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_local, smoke_overrides
             assert "resume_count" not in after[run_id].data.tags
             assert after[run_id].info.end_time == run.info.end_time
     for row in result.trials:
-        assert _steps(spec.tracking_uri, row["mlflow_run_id"]) == list(range(1, row["epochs"] + 1))
+        assert steps_of(spec.tracking_uri, row["mlflow_run_id"]) == list(range(1, row["epochs"] + 1))
 
 
 @pytest.mark.ray
@@ -345,7 +301,7 @@ def test_sweep_cli_smoke_with_confirmation(ray_local, smoke_overrides, tmp_path)
     best = load_config("synthetic", path=payload["best_config_path"])  # what `train.py --config` reads
     assert best.htb.alpha == payload["best"]["htb.alpha"] and best.train.epochs == 2
     assert f"train.py --config {payload['best_config_path']}" in proc.stdout
-    tops, children = _runs(uri, "comic-sweep")
+    tops, children = runs_of(uri, "comic-sweep")
     (parent,) = tops
     kids = children[parent.info.run_id]
     phases = sorted(r.data.tags["sweep.phase"] for r in kids)
