@@ -122,7 +122,10 @@ def ensure_features(bench: Benchmark, cfg: Config, rt: Runtime) -> FeatureCache:
     with file_lock(folder.with_name(f".{folder.name}.lock")):
         cache = _open(folder)  # another process may have built it while we waited
         if cache is None:
-            _build(folder, bench, cfg, recipe, rt)
+            # The extraction's loaders draw from torch's global RNG; a trial that builds the cache must train
+            # exactly as one that reads it.
+            with torch.random.fork_rng(devices=[]):
+                _build(folder, bench, cfg, recipe, rt)
             cache = FeatureCache(folder)
     return cache
 
