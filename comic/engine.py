@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from comic.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from comic.config import Config, identity_hash, to_dict
@@ -30,6 +29,7 @@ from comic.device import Runtime, peak_memory_mb, reset_peak_memory, setup_runti
 from comic.meters import CorrectionMeter, LossMeter
 from comic.methods import Criterion, DataStats, Method, Model, build_method
 from comic.metrics import average_precision, chance_map, evaluate_scores, shot_groups
+from comic.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criteri
     losses, corrections = LossMeter(rt.device), CorrectionMeter(num_classes, rt.device)
     criterion.start_epoch(epoch)
     reset_peak_memory(rt)
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=not cfg.engine.progress)
+    bar = progress(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
+                   enabled=cfg.engine.progress)
     images_seen, start = 0, time.perf_counter()
     for i, (images, observed, full) in enumerate(bar):
         observed = observed.to(rt.device, non_blocking=True)
@@ -196,7 +197,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime,
 
 def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     groups = optimizer.param_groups
-    return {f"train/lr_{str(g.get('name', i)).replace('/', '_')}": g["lr"] for i, g in enumerate(groups)}
+    # 6 significant digits: the schedule's products (3e-4 * 1.0) print as 0.00030000000000000003 otherwise.
+    return {f"train/lr_{str(g.get('name', i)).replace('/', '_')}": float(f"{g['lr']:.6g}")
+            for i, g in enumerate(groups)}
 
 
 def _resume(workdir: Path | None, identity: str, objects: dict[str, Any], run: RunState) -> None:

@@ -47,10 +47,11 @@ from typing import Any
 from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.config import ConfigError
+from comic.tracking.store import ui_command
 from comic.tuning.cluster import Resources, TuneInterrupted, is_remote_path, ray_session
 from comic.tuning.results import format_confirm, format_trials
 from comic.tuning.space import DEFAULT_SPACE, load_space, parse_space, with_learning_rate
-from comic.tuning.sweep import SweepResult, SweepSpec, load_sweep, resolved, run_sweep
+from comic.tuning.sweep import SweepResult, SweepSpec, dashboard_command, load_sweep, resolved, run_sweep
 
 # The synthetic preset's 30-epoch schedule scaled to 10 epochs (LR steps 24/18/18/24 -> 8/6/6/8).
 DEMO_SCHEDULE = {"train.epochs": 10, "optim.step_head": 8, "optim.step_tail": 6, "optim.step_balanced_feature": 6,
@@ -137,7 +138,10 @@ def report(result: SweepResult, spec: SweepSpec) -> None:
     if result.tracking_uri.startswith(("http://", "https://")):
         print(f"  open {result.tracking_uri} in a browser (from a laptop: the SSH tunnel in README 'On a cluster')")
     else:
-        print(f"  open the UI with: mlflow ui --backend-store-uri {result.tracking_uri}")
+        print(f"  open the UI with: {ui_command(result.tracking_uri)}")
+    if result.optuna_storage:
+        print(f"Optuna study {result.name!r} (history, importances, intermediate values; ASHA stops as pruned):\n"
+              f"  {dashboard_command(result.optuna_storage)}   (pip install -e '.[dashboard]')")
 
 
 def write_metrics(path: str, result: SweepResult) -> None:

@@ -26,7 +26,7 @@ from comic.config import absolute_paths, identity_hash
 from comic.data.build import benchmark_digest
 from comic.report.tables import run_summary
 from comic.tracking.run import tracked_fit
-from comic.tracking.store import resolve_tracking_uri
+from comic.tracking.store import resolve_tracking_uri, ui_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +63,8 @@ def train(args: argparse.Namespace) -> int:
         print(f"already finished: {workdir} holds this run's {int(result.metrics['epoch'])} epochs; its results "
               "(nothing was trained; delete the work directory or pass another --workdir to train again):")
     print(run_summary(result.metrics))
-    print(f"MLflow run {run_id} in {uri}\n  open the UI with: mlflow ui --backend-store-uri {uri}")
+    command = ui_command(uri)
+    print(f"MLflow run {run_id} in {uri}" + (f"\n  open the UI with: {command}" if command else ""))
     if args.metrics_out:
         Path(args.metrics_out).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     return 0

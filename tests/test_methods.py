@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -104,5 +105,10 @@ def test_baselines_script_smoke(tmp_path, smoke_overrides, script, capsys, resto
     assert script("experiments/baselines.py").main(argv) == 0
     out = capsys.readouterr().out
     assert "PAPER - Table 1, PLT-COCO" in out and "NOT produced by this run" in out
-    for label in ("BCE", "DB-Focal", "LWS", "ML-GCN", "P-ASL", "SPLC", "COMIC"):
+    for label in ("BCE", "DB-Focal", "LWS", "ML-GCN", "P-ASL", "SPLC", "COMIC", "BCE (full labels)"):
         assert f"| {label} | 0 | finished |" in out, label
+    # every method placed between BCE on the observed labels (0 %) and BCE on the full labels (100 %)
+    assert "% of the gap closed" in out
+    gap = pd.read_csv(tmp_path / "study" / "report" / "gap.csv").set_index(["metric", "arm"])["mean"]
+    assert gap[("total", "BCE")] == pytest.approx(0.0) and gap[("total", "BCE (full labels)")] == pytest.approx(100.0)
+    assert gap.loc["total"].notna().all()

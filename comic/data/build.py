@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from comic._io import absolute_path, file_digest, make_temp_dir, publish_dir, remove_stale_temps, stable_hash
 from comic.config import Config, ConfigError, DataConfig, apply_overrides, to_flat_dict
@@ -36,6 +35,7 @@ from comic.data.longtail import pareto_subsample
 from comic.data.partial import drop_positives
 from comic.data.reader import CARD_JSON, BenchmarkError, content_digest
 from comic.data.sources import BuildParams, LabelSource, Source, source_from_config
+from comic.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,8 @@ def _check_rows(labels: LabelSet, image_root: Path, rows: list[int], split: str,
     paths = [image_root / labels.file_names[r] for r in rows]
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        problems = list(tqdm(pool.map(image_problem, paths), total=len(paths), desc=f"checking {split} images",
-                             unit="img", disable=None, leave=False))
+        problems = list(progress(pool.map(image_problem, paths), total=len(paths), desc=f"checking {split} images",
+                                 unit="img", leave=False))
     good = []
     for row, path, problem in zip(rows, paths, problems, strict=True):
         if problem is None:

@@ -22,11 +22,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from comic._io import UserError, absolute_path, file_lock, make_temp_dir, publish_dir, stable_hash
 from comic.config import Config
@@ -35,6 +35,7 @@ from comic.data.images import ImageDataset, SeededSampler, build_datasets
 from comic.data.reader import Benchmark, Split, load_benchmark
 from comic.device import Runtime, runtime
 from comic.models.backbone import build_trunk, weights_id
+from comic.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _build(folder: Path, bench: Benchmark, cfg: Config, recipe: FeatureRecipe, r
     tmp = make_temp_dir(folder.parent, folder.name)
     try:
         total = recipe.views * len(datasets["train"]) + len(datasets["val"]) + len(datasets["test"])
-        with tqdm(total=total, desc=f"{recipe.backbone} features", unit="img", disable=None) as bar:
+        with progress(total=total, desc=f"{recipe.backbone} features", unit="img") as bar:
             shapes = {name: _write_split(tmp / f"{name}.npy", trunk, ds, recipe.views if name == "train" else 0,
                                          width, rt, bar) for name, ds in datasets.items()}
         meta = {"version": FEATURES_VERSION, "built_for": bench.root.name, "recipe": asdict(recipe), "shapes": shapes,
@@ -183,7 +184,7 @@ def _frozen_trunk(cfg: Config, rt: Runtime) -> tuple[torch.nn.Module, int]:
 
 
 def _write_split(path: Path, trunk: torch.nn.Module, dataset: ImageDataset, views: int, width: int, rt: Runtime,
-                 bar: tqdm) -> list[int]:
+                 bar: Any) -> list[int]:
     """Trunk features of every item of `dataset` into the .npy at `path`: [views, N, D] for the training split
     (views >= 1), [N, D] for evaluation splits (views 0). Returns the shape."""
     shape = (views, len(dataset), width) if views else (len(dataset), width)

@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from comic._io import atomic_write_text, file_lock
 from comic.config import DataConfig
 from comic.data.reader import Benchmark, BenchmarkError, Split
 from comic.data.sampler import ClassAwareSampler
+from comic.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ def _write_cache(path: Path, bench: Benchmark, split_name: str, size: int, skip_
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for start in tqdm(range(0, len(split), _BATCH_ROWS), desc=f"caching {split_name} images", unit="batch",
-                              disable=None, leave=False):
+            for start in progress(range(0, len(split), _BATCH_ROWS), desc=f"caching {split_name} images",
+                                  unit="batch", leave=False):
                 idx = list(range(start, min(start + _BATCH_ROWS, len(split))))
                 decoded = _decode_many([split.paths[i] for i in idx], load, size, skip_bad)
                 good = [(i, px) for i, (px, problem) in zip(idx, decoded, strict=True) if px is not None]

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from comic._io import make_temp_dir, publish_dir, remove_stale_temps, stable_hash
+from comic.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _split(root: Path, split: str, first_id: int, count: int, seed: int, classes
     scenes = make_scenes(len(classes))
     (root / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i in tqdm(range(count), desc=f"synthetic {split}", unit="img", disable=None, leave=False):
+    for i in progress(range(count), desc=f"synthetic {split}", unit="img", leave=False):
         image_id = first_id + i
         # One generator per image: the content of an image does not depend on how many came before it.
         rng = np.random.default_rng([seed, first_id, i])

@@ -10,6 +10,9 @@ Definitions (every table of `comic.studies` uses them, and `tests/test_stats.py`
 - "Within noise": the 95 % interval of the paired difference contains 0 (equivalently p >= 0.05). With fewer than
   two pairs nothing can be said and the flag is None. When every d_s is identical the spread is 0: the interval
   collapses to that value and p is 1 if it is 0, else 0.
+- Gap closed: an arm's position between a floor arm and a ceiling arm on the same seed,
+  g_s = 100 · (arm_s − floor_s) / (ceiling_s − floor_s), summarised over seeds like any metric: 0 % = the floor,
+  100 % = the ceiling, above 100 % beyond it.
 """
 
 from __future__ import annotations
@@ -114,6 +117,38 @@ def compare_arms(values: Mapping[str, Mapping[Any, float]], references: Mapping[
     return rows
 
 
+def gap_closed(values: Mapping[str, Mapping[Any, float]], floor: str, ceiling: str) -> dict[str, dict[Any, float]]:
+    """`values[arm][seed]` -> the % of the floor-to-ceiling gap each arm closes on each seed (see the module
+    docstring); seeds where floor or ceiling is missing, or the two are equal, are left out."""
+    low, high = values.get(floor, {}), values.get(ceiling, {})
+    out: dict[str, dict[Any, float]] = {}
+    for arm, by_seed in values.items():
+        out[arm] = {s: 100.0 * (v - low[s]) / (high[s] - low[s]) for s, v in by_seed.items()
+                    if s in low and s in high and math.isfinite(v) and high[s] != low[s]}
+    return out
+
+
+def _by_arm(finished: pd.DataFrame, key: str, arms: Sequence[str]) -> dict[str, dict[Any, float]]:
+    values: dict[str, dict[Any, float]] = {arm: {} for arm in arms}
+    if key in finished:
+        for arm, seed, value in zip(finished["arm"], finished["seed"], finished[key], strict=True):
+            if arm in values:
+                values[arm][int(seed)] = float(value)
+    return values
+
+
+def aggregate_gap(rows: pd.DataFrame, columns: Mapping[str, str], floor: str, ceiling: str, arms: Sequence[str],
+                  confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Like `aggregate`, of the gap each arm closes between `floor` and `ceiling` (in %, per seed) instead of
+    the metric itself; no paired differences."""
+    finished = rows[rows["state"] == "finished"] if len(rows) else rows
+    out = []
+    for label, key in columns.items():
+        gaps = gap_closed(_by_arm(finished, key, arms), floor, ceiling)
+        out += [{"metric": label, "key": key, **row} for row in compare_arms(gaps, {}, confidence)]
+    return pd.DataFrame(out)
+
+
 def aggregate(rows: pd.DataFrame, columns: Mapping[str, str], references: Mapping[str, str | None],
               arms: Sequence[str], confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Long table of `compare_arms` over the finished rows: one row per (metric, arm), metrics in `columns` order
@@ -121,10 +156,6 @@ def aggregate(rows: pd.DataFrame, columns: Mapping[str, str], references: Mappin
     finished = rows[rows["state"] == "finished"] if len(rows) else rows
     out = []
     for label, key in columns.items():
-        values: dict[str, dict[Any, float]] = {arm: {} for arm in arms}
-        if key in finished:
-            for arm, seed, value in zip(finished["arm"], finished["seed"], finished[key], strict=True):
-                if arm in values:
-                    values[arm][int(seed)] = float(value)
+        values = _by_arm(finished, key, arms)
         out += [{"metric": label, "key": key, **row} for row in compare_arms(values, references, confidence)]
     return pd.DataFrame(out)

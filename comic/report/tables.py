@@ -41,12 +41,19 @@ def interval(low: float, high: float, digits: int = 2, signed: bool = False) -> 
     return f"[{f.format(low)}, {f.format(high)}]"
 
 
-def verdict(within_noise: bool | None, p_value: float) -> str:
+FEW_PAIRS = 3  # below this a paired t-test rests on one or two differences: a hint, not a finding
+
+
+def verdict(within_noise: bool | None, p_value: float, pairs: int | None = None) -> str:
+    """'within noise', 'real (p=0.002)', or with fewer than FEW_PAIRS pairs 'real? (p=0.03, only 2 seeds)'."""
     if within_noise is None or (isinstance(within_noise, float) and math.isnan(within_noise)):
         return "n/a (< 2 paired seeds)"
     if within_noise:
         return "within noise"
-    return f"real (p={p_value:.3g})" if _ok(p_value) else "real"
+    p = f"p={p_value:.3g}" if _ok(p_value) else ""
+    if pairs is not None and pairs < FEW_PAIRS:
+        return f"real? ({p + ', ' if p else ''}only {pairs} seeds)"
+    return f"real ({p})" if p else "real"
 
 
 def _index(stats: pd.DataFrame) -> dict[tuple[str, str], Mapping[str, Any]]:
@@ -86,7 +93,8 @@ def differences_table(stats: pd.DataFrame, arms: Sequence[str], metrics: Sequenc
                                   if _ok(diff) else DASH),
                 "pairs": int(s["n_pairs"]),
                 "p (paired t)": f"{s['p_value']:.3g}" if _ok(s["p_value"]) else DASH,
-                "verdict": "reference" if is_reference else verdict(s["within_noise"], s["p_value"]),
+                "verdict": "reference" if is_reference else verdict(s["within_noise"], s["p_value"],
+                                                                    int(s["n_pairs"])),
             })
     return pd.DataFrame(rows, columns=["arm", "metric", "mean [95% CI]", "vs", "diff [95% CI]", "pairs",
                                        "p (paired t)", "verdict"])

@@ -24,10 +24,12 @@ import pandas as pd
 from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.report import tables
-from comic.report.stats import aggregate
+from comic.report.stats import aggregate, aggregate_gap
+from comic.studies.figures import bars_figure
 from comic.studies.plan import Study
-from comic.studies.runner import BACKENDS, FAILED, FINISHED, StudyRun, run_link
-from comic.studies.spec import AblationSpec, Outcome, PaperTable
+from comic.studies.runner import BACKENDS, FAILED, FINISHED, StudyRun
+from comic.studies.spec import AblationSpec, FigureFn, Outcome, PaperTable
+from comic.tracking.store import run_link, ui_command
 from comic.tuning.cluster import Resources, ray_session
 
 METRIC_NOTE = ("Metrics: test-set mAP / recall in %, at the epoch with the best validation mAP (`best/test/*`); "
@@ -35,6 +37,10 @@ METRIC_NOTE = ("Metrics: test-set mAP / recall in %, at the epoch with the best 
 STATS_NOTE = ("mean ± std: sample std (ddof 1) over the seeds that finished, n in brackets. 95% CI: Student t with "
               "n-1 degrees of freedom. diff: paired by seed against the reference arm, paired t-test p-value; "
               "'within noise' = the 95% CI of the paired difference contains 0 (equivalently p >= 0.05).")
+
+
+# table.csv: the table in numbers (table.md holds the 'mean ± std (n)' strings).
+NUMERIC_TABLE = ["arm", "metric", "mean", "std", "n", "ci_low", "ci_high"]
 
 
 @dataclass
@@ -61,16 +67,31 @@ def build_parser(spec: AblationSpec, doc: str) -> argparse.ArgumentParser:
     group.add_argument("--backend", choices=BACKENDS, default="local",
                        help="local: cells one after another in this process; ray: one Ray Tune grid")
     group.add_argument("--study-dir", help=f"results, checkpoints and report (default studies/{spec.name})")
+    group.add_argument("--arm", dest="arms", action="append", metavar="ARM",
+                       help="run only this arm (a name listed below; repeat for several; the reference arm always "
+                            "runs). Write --arm=-HTB for a name that starts with '-'")
     group.add_argument("--dry-run", action="store_true", help="print the plan (cells and their state) and exit")
     return parser
 
 
 def make_study(spec: AblationSpec, args: argparse.Namespace) -> Study:
-    variants = dict(spec.variants)
+    variants, benchmarks = dict(spec.variants), dict(spec.benchmarks)
     if args.smoke_test and spec.smoke_variants is not None:  # the reference arm always stays
         variants = {k: v for k, v in variants.items() if k in spec.smoke_variants or k == spec.reference}
+    if args.arms and len(variants) > 1:
+        variants = _chosen(variants, args.arms, spec.reference)
+    elif args.arms:  # the arms are the benchmark variants (Table 3's missing rates)
+        benchmarks = _chosen(benchmarks, args.arms, spec.reference)
     seeds = args.seeds if args.seeds else ([0, 1] if args.smoke_test else [0, 1, 2])
-    return Study(spec.name, variants, tuple(seeds), dict(spec.benchmarks), spec.reference)
+    return Study(spec.name, variants, tuple(seeds), benchmarks, spec.reference)
+
+
+def _chosen(arms: dict[str, Any], names: Sequence[str], reference: str | None) -> dict[str, Any]:
+    unknown = [a for a in names if a not in arms]
+    if unknown:
+        raise UserError(f"--arm: no arm {', '.join(map(repr, unknown))} in this study; its arms are "
+                        f"{', '.join(map(repr, arms))}")
+    return {k: v for k, v in arms.items() if k in names or k == reference}
 
 
 def setup_logging() -> None:
@@ -86,7 +107,8 @@ def run(spec: AblationSpec, args: argparse.Namespace) -> Report:
     study = make_study(spec, args)
     suffix = "-smoke" if args.smoke_test else ""
     study_run = StudyRun(study, base_config(args), study_dir=args.study_dir or Path("studies") / f"{spec.name}{suffix}",
-                         tracking_uri=args.tracking_uri, experiment=args.experiment or f"ablation-{spec.name}{suffix}")
+                         tracking_uri=args.tracking_uri, experiment=args.experiment or f"ablation-{spec.name}{suffix}",
+                         title=spec.title)
     if args.dry_run:
         return Report(_plan_text(study_run))
     resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent)
@@ -141,18 +163,45 @@ def _report(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, r
     ours = tables.ours_table(stats, arms, metrics, first=spec.arm_label)
     diffs = tables.differences_table(stats, arms, metrics)
     cells = tables.cells_table(rows, spec.columns)
+    gap = _gap(spec, rows, arms)
     outcome = Outcome(spec, arms, rows, stats, study_run.curves())
-    figures = {f"{spec.name}.png": spec.figure(outcome)} if spec.figure is not None else {}
+    figures = {f"{spec.name}.png": (spec.figure or _default_figure(spec))(outcome)}
     text = _compose(spec, args, study_run, rows, ours, diffs, cells, figures)
+    if gap is not None:
+        text += "\n\n" + _gap_text(spec, gap, arms)
     keep = [c for c in ("arm", "variant", "benchmark", "seed", "key", "state", "run_id", "run_link", "wall_s", "error",
                         *spec.columns.values()) if c in rows]
     written = study_run.publish(
         {"report.md": text, "table.md": tables.markdown(ours),
          "table.tex": tables.latex(ours, f"{spec.title} (ours; mean ± std over seeds)", f"tab:{spec.name}")},
-        {"table": ours, "stats": stats, "cells": rows[keep]}, figures, _parent_metrics(stats))
+        {"table": stats[NUMERIC_TABLE], "stats": stats, "cells": rows[keep]} | ({} if gap is None else {"gap": gap}),
+        figures, _parent_metrics(stats))
     text += "\n\nFiles:\n" + "\n".join(f"  {p}" for p in written)
     state = rows["state"]
     return Report(text, failed=int((state == FAILED).sum()), pending=int((~state.isin([FINISHED, FAILED])).sum()))
+
+
+def _default_figure(spec: AblationSpec) -> FigureFn:
+    """Bars of total and few-shot mAP (those the spec has; else its first column) for a spec that draws nothing else."""
+    metrics = tuple(m for m in ("total", "few") if m in spec.columns) or (next(iter(spec.columns)),)
+    return bars_figure(f"{spec.title}: test mAP (%) by {spec.arm_label}", metrics)
+
+
+def _gap(spec: AblationSpec, rows: pd.DataFrame, arms: Sequence[str]) -> pd.DataFrame | None:
+    """The % of the floor-to-ceiling gap each arm closes, when the spec names both arms and both are in the grid."""
+    if spec.gap is None or not set(spec.gap) <= set(arms):
+        return None
+    return aggregate_gap(rows, spec.columns, *spec.gap, arms)
+
+
+def _gap_text(spec: AblationSpec, gap: pd.DataFrame, arms: Sequence[str]) -> str:
+    floor, ceiling = spec.gap
+    return "\n".join([
+        f"OURS - position between the floor ({floor}) and the ceiling ({ceiling}): % of the gap closed, per seed "
+        f"100 · (arm − floor) / (ceiling − floor), mean ± std (n seeds); 0 = floor, 100 = ceiling. Shot groups "
+        "follow each arm's own observed training counts, so a group column compares slightly different class sets "
+        "when the arms' labels differ.",
+        tables.markdown(tables.ours_table(gap, arms, list(spec.columns), first=spec.arm_label))])
 
 
 def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, rows: pd.DataFrame,
@@ -177,7 +226,8 @@ def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, 
         if paper.note:
             parts.append(paper.note)
     parts += ["", f"OURS - {cfg.data.benchmark}, mean ± std (n seeds):", tables.markdown(ours),
-              "", "OURS - paired differences against the reference arm:", STATS_NOTE, tables.markdown(diffs),
+              "", "OURS - paired differences against the reference arm:", STATS_NOTE, *_caution(study.seeds),
+              tables.markdown(diffs),
               "", f"Cells (MLflow experiment '{study_run.experiment}' at {study_run.tracking_uri}; parent run "
                   f"{study_run.parent.run_id if study_run.parent else '-'}; a cell's page: "
                   f"{_link_pattern(study_run)}):",
@@ -190,8 +240,17 @@ def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, 
     return "\n".join(parts)
 
 
+def _caution(seeds: Sequence[int]) -> list[str]:
+    if len(seeds) >= tables.FEW_PAIRS:
+        return []
+    return [f"CAUTION: {len(seeds)} seed(s) per arm. A paired test on fewer than {tables.FEW_PAIRS} differences says "
+            "little ('real?' below is a hint, not a finding): rerun with --seeds 0 1 2 3 4 before concluding."]
+
+
 def _link_pattern(study_run: StudyRun) -> str:
-    return run_link(study_run.tracking_uri, study_run.experiment_id, "<run id>")
+    link = run_link(study_run.tracking_uri, study_run.experiment_id, "<run id>")
+    command = ui_command(study_run.tracking_uri)
+    return link if command is None else f"{link}, once `{command}` serves the store"
 
 
 def _paper_frame(spec: AblationSpec) -> pd.DataFrame:
@@ -200,8 +259,10 @@ def _paper_frame(spec: AblationSpec) -> pd.DataFrame:
 
 
 def _slug(text: str) -> str:
-    """MLflow metric names allow letters, digits, '_-./ ' only."""
-    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", text.replace("−", "-").replace("α", "alpha").replace("τ", "tau"))
+    """Metric-name parts of letters, digits and '_-.' only (MLflow allows spaces, but they break its search
+    syntax and cut chart titles): '-RLC', 'total_mAP', 'lambda_b_0.1'."""
+    text = text.replace("−", "-").replace("α", "alpha").replace("τ", "tau").replace("λ", "lambda")
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.\-]", "_", text)).strip("_")
 
 
 def _parent_metrics(stats: pd.DataFrame) -> dict[str, float]:

@@ -25,16 +25,16 @@ from types import TracebackType
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from comic._io import atomic_write, atomic_write_text, stable_hash
 from comic.config import Config, absolute_paths, identity, identity_hash
+from comic.progress import progress as progress_bar
 from comic.studies.plan import Cell, Study, plan
 from comic.tracking import store
 from comic.tracking.client import RunTracker
-from comic.tracking.provenance import code_version, run_tags
+from comic.tracking.provenance import code_version, command_line, run_tags
 from comic.tracking.run import RUN_ID_FILE, tracked_fit
-from comic.tracking.store import ensure_experiment, resolve_tracking_uri, search_all_runs
+from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri, run_link, search_all_runs
 from comic.tuning.cluster import Resources
 from comic.tuning.runner import run_configs
 
@@ -88,19 +88,14 @@ class CellStore:
 # --------------------------------------------------------------------------------------------- running a study
 
 
-def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI address of a run: on the tracking server itself, or on `mlflow ui`'s default local address."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if run_id else ""
-
-
 class StudyRun:
     """A study's cells and its parent MLflow run, open inside `with`: `run()` the pending cells, read `rows()`,
     `publish()` the tables and figures to the study directory and the parent run."""
 
     def __init__(self, study: Study, base: Config, *, study_dir: str | Path, tracking_uri: str | None = None,
-                 experiment: str | None = None, code: str | None = None) -> None:
+                 experiment: str | None = None, code: str | None = None, title: str | None = None) -> None:
         self.study = study
+        self.title = title or f"ablation study {study.name}"
         self.dir = Path(study_dir).expanduser().resolve()
         self.code = code or code_version()
         self.cells = plan(study, absolute_paths(base), self.code)
@@ -126,10 +121,11 @@ class StudyRun:
         return out
 
     def __enter__(self) -> StudyRun:
-        self.experiment_id = ensure_experiment(self.tracking_uri, self.experiment)
+        self.experiment_id = ensure_experiment(self.tracking_uri, self.experiment, self._experiment_note())
         parents_file = self.dir / PARENTS_FILE
         parents = json.loads(parents_file.read_text()) if parents_file.is_file() else {}
-        tags = run_tags({"ablation.study": self.study.name, "ablation.role": "study", "code_version": self.code})
+        tags = run_tags({"ablation.study": self.study.name, "ablation.role": "study", "code_version": self.code,
+                         NOTE_TAG: self._parent_note()})
         name = f"{self.study.name} ({len(self.cells)} cells)"
         tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, run_id=parents.get(self.plan_hash),
                              tags=tags)
@@ -147,6 +143,16 @@ class StudyRun:
             tracker.__exit__(type(err), err, err.__traceback__)
             raise
         return self
+
+    def _experiment_note(self) -> str:
+        return (f"{self.title}. One parent run per plan (the tables, the figure and agg/<arm>/<metric>/mean|std|n), "
+                "with a nested child run per (arm, seed) cell (tags ablation.arm, seed; per-epoch val/, test/, train/ "
+                "curves). Expand a parent row in the runs table to see its cells; group by the arm tag to compare.")
+
+    def _parent_note(self) -> str:
+        arms = ", ".join(a.name for a in self.study.arms())
+        return (f"{self.title}: arms {arms}; seeds {list(self.study.seeds)}; {len(self.cells)} cells. Results and "
+                f"report: {self.dir}. Made by: `{command_line()}`")
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -196,7 +202,7 @@ class StudyRun:
         return f"{cell.arm.name} seed={cell.seed}"
 
     def _run_local(self, cells: list[Cell], on_cell: OnCell | None, progress: bool) -> None:
-        for cell in tqdm(cells, desc=f"{self.study.name} cells", unit="cell", disable=not progress):
+        for cell in progress_bar(cells, desc=f"{self.study.name} cells", unit="cell", enabled=progress):
             row, history = self._fit_local(cell)
             self._record(cell, row, history, on_cell)
 

@@ -44,7 +44,8 @@ FigureFn = Callable[[Outcome], "Figure"]
 @dataclass(frozen=True)
 class AblationSpec:
     """One study as a grid of COMIC overrides. `columns`: table label -> metric key; `paper`: None when the study is
-    not a table of the paper (then the report shows ours only)."""
+    not a table of the paper (then the report shows ours only); `gap`: a floor and a ceiling arm (e.g. BCE on the
+    observed labels and on the full labels) between which the report places every arm."""
 
     name: str
     title: str
@@ -56,6 +57,7 @@ class AblationSpec:
     arm_label: str = "arm"
     figure: FigureFn | None = None
     smoke_variants: Sequence[str] | None = None  # a smaller grid for --smoke-test (None: all)
+    gap: tuple[str, str] | None = None  # (floor arm, ceiling arm): report the % of that gap each arm closes
 
     def describe(self) -> str:
         """The arms and their overrides, for --help."""

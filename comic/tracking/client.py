@@ -10,6 +10,8 @@ Ray trials, threads and resumed processes each need to address their own run. De
 - Every batch is written synchronously (even with MLFLOW_ENABLE_ASYNC_LOGGING), and `MlflowClient.log_batch` splits
   it into MLflow's own chunk sizes: a checkpoint saved after `log_metrics` returns never runs ahead of MLflow, and a
   KILLED status never overtakes queued points.
+- Params are shown, not computed with: floats are logged to PARAM_DIGITS significant digits (`2.488`, not
+  `2.48815596...`; the exact values are in the run's config artifact).
 - Params are immutable in MLflow: re-logging an identical value is skipped, a different value raises
   `ValueError` before anything is written. Log values that change during a run as tags or metrics.
 - Run states: FINISHED on a normal exit of the `with` block, FAILED on an exception (tag `error` + `error.txt`
@@ -54,10 +56,28 @@ logger = logging.getLogger(__name__)
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 
+PARAM_DIGITS = 4
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "error"
 RESUME_TAG = "resume_count"
+
+
+def param_text(value: Any) -> str:
+    """A param as the UI shows it: floats (also inside lists) to PARAM_DIGITS significant digits."""
+    if isinstance(value, float):
+        return f"{value:.{PARAM_DIGITS}g}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, float) for v in value):
+        return "[" + ", ".join(param_text(v) if isinstance(v, float) else repr(v) for v in value) + "]"
+    return str(value)
+
+
+def _same_param(old: str, text: str) -> bool:
+    """Equal, or `old` is the full-precision form of the rounded `text` (a run logged before params were rounded)."""
+    try:
+        return old == text or param_text(float(old)) == text
+    except ValueError:
+        return False
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -313,11 +333,11 @@ class RunTracker:
         new: dict[str, str] = {}
         conflicts = []
         for key, value in flat.items():
-            text = _truncate(str(value), MAX_PARAM_VALUE_LENGTH)
+            text = _truncate(param_text(value), MAX_PARAM_VALUE_LENGTH)
             old = self._params.get(key)
             if old is None:
                 new[key] = text
-            elif old != text:
+            elif not _same_param(old, text):
                 conflicts.append(f"{key}: logged {old!r}, now {text!r}")
         if conflicts:
             raise ValueError(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import platform
+import shlex
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ _VERSIONED = {"comic": "comic-lab", "torch": "torch", "ray": "ray", "mlflow": "m
 # What computes a run's numbers: the core modules and packages. The rooms above it (tracking, tuning, studies) and
 # the reports only record, schedule or draw; the scripts, README and tests are outside the package.
 COMPUTING = ("*.py", "models/*.py", "losses/*.py", "data/*.py")
-NOT_COMPUTING = ("cli.py", "data/__main__.py")  # command-line flags and the builder CLI
+NOT_COMPUTING = ("cli.py", "data/__main__.py", "progress.py")  # flags, the builder CLI, progress display
 
 
 def code_version() -> str:
@@ -59,6 +61,11 @@ def _version(distribution: str) -> str:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return "absent"
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would retype it (for run descriptions)."""
+    return "python " + shlex.join(sys.argv)
 
 
 def run_tags(extra: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -7,12 +7,16 @@ Decisions the callers rely on:
 - Experiments are created by the driver (`ensure_experiment`) before trials start: two processes creating a
   fresh SQLite database at once race in MLflow's schema migration. For SQLite stores the artifacts live next to
   the database (`<db folder>/artifacts/<experiment>`), not in whatever directory happened to be current.
+- Every experiment is tagged `mlflow.experimentKind = custom_model_development`: MLflow 3 otherwise opens it as a
+  GenAI experiment (traces, evaluations); and it gets a description (`mlflow.note.content`, shown on its page).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
@@ -22,6 +26,8 @@ from mlflow.exceptions import MlflowException
 from comic._io import file_lock
 
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
+EXPERIMENT_KIND_TAG, CLASSIC_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow shows on an experiment's or a run's page
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -101,25 +107,56 @@ def _artifact_location(uri: str, name: str) -> str | None:
     return (db.parent / "artifacts" / slug).as_uri()
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """The id of experiment `name`, created if missing. Call it from the driver before any trial starts."""
+def ensure_experiment(uri: str, name: str, description: str | None = None) -> str:
+    """The id of experiment `name`, created if missing, marked as a classic model-training experiment (not a GenAI
+    one) and given `description` unless it already has one. Call it from the driver before any trial starts."""
     uri = resolve_tracking_uri(uri)
     mlflow_client = client(uri)
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is None:
         try:
-            return mlflow_client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+            experiment_id = mlflow_client.create_experiment(name, artifact_location=_artifact_location(uri, name))
         except MlflowException:
             # Another process created it between our lookup and our create.
             existing = mlflow_client.get_experiment_by_name(name)
             if existing is None:
                 raise
+        else:
+            existing = mlflow_client.get_experiment(experiment_id)
     if existing.lifecycle_stage == "deleted":
         raise ValueError(
             f"MLflow experiment {name!r} (id {existing.experiment_id}) at {uri} is deleted; restore it "
             "(`mlflow experiments restore`), purge it (`mlflow gc`), or choose another name"
         )
+    _mark(mlflow_client, existing, description)
     return existing.experiment_id
+
+
+def _mark(mlflow_client: MlflowClient, experiment: Any, description: str | None) -> None:
+    """MLflow 3's UI opens an experiment without this tag on its GenAI (traces) pages; a user's own note stays."""
+    tags = experiment.tags or {}
+    wanted = {EXPERIMENT_KIND_TAG: CLASSIC_KIND} | ({NOTE_TAG: description} if description else {})
+    for key, value in wanted.items():
+        if key not in tags:
+            mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves the MLflow UI for a store, or None for a tracking server (its UI is already up).
+    Names this environment's own `mlflow` (a venv's bin folder is often not on PATH)."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    local = Path(sys.executable).parent / "mlflow"
+    return f"{local if local.is_file() else 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI: on the tracking server itself, else on `ui_command(uri)`'s address."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if run_id else ""
 
 
 def search_all_runs(mlflow_client: MlflowClient, experiment_ids: list[str], filter_string: str = "",

@@ -21,6 +21,7 @@ from comic.tracking import store
 from comic.tuning.trial import RUN_ID_KEY, STATE_TAG, TRIAL_TAG, TrialJob, find_trial_run, find_trial_runs
 
 log = logging.getLogger(__name__)
+LONG_EPOCH_S = 20.0  # epochs at least this long get a console line each
 
 
 def trial_state(job: TrialJob, trial: Trial) -> str:
@@ -107,7 +108,8 @@ def _error_text(trial: Trial) -> str:
 
 
 class Progress(tune.Callback):
-    """One console line per trial event instead of Tune's tables (one column per metric would be unreadable)."""
+    """One console line per trial event instead of Tune's tables (one column per metric would be unreadable), and
+    one per epoch of a trial whose epochs take LONG_EPOCH_S or more (so a long trial shows it is alive)."""
 
     def __init__(self, job: TrialJob, metric: str, params: tuple[str, ...] = ()) -> None:
         self.job = job
@@ -117,6 +119,13 @@ class Progress(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         shown = " ".join(f"{k}={_short(trial.config.get(k))}" for k in self.params if k in trial.config)
         log.info("%s started %s", self._name(trial), shown)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
+                        **info: Any) -> None:
+        if result.get("perf/epoch_s", 0.0) >= LONG_EPOCH_S:
+            log.info("%s epoch %d/%d: %s %s, %.0f img/s", self._name(trial), int(result.get("epoch", 0)),
+                     self.job.planned_epochs(trial.config), self.metric, _short(result.get(self.metric)),
+                     result.get("perf/img_per_s", float("nan")))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}

@@ -10,22 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 from pyarrow import fs
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from comic.config import Config, apply_overrides, from_dict, to_dict
 from comic.tracking.client import RunTracker
-from comic.tracking.provenance import run_tags
-from comic.tracking.store import ensure_experiment, resolve_tracking_uri
+from comic.tracking.provenance import command_line, run_tags
+from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri
 from comic.tuning import results
 from comic.tuning.callbacks import Progress, RunStates
 from comic.tuning.cluster import (
@@ -43,24 +46,61 @@ from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, parse_sp
 from comic.tuning.trial import SweepTrialName, TrialJob
 
 STATE_FILE = "comic_sweep.json"
+OPTUNA_DB = "optuna.db"  # the Optuna study (study name = the sweep's name): `optuna-dashboard sqlite:///...`
+EXPERIMENT_NOTE = ("Hyperparameter sweeps of COMIC: Optuna (TPE) proposes, ASHA stops trials early on val/map. One "
+                   "parent run per sweep (its trials table, plots and best configuration as artifacts, best/* as "
+                   "metrics) with one nested child run per trial (per-epoch val/, test/, train/ curves). Expand a "
+                   "parent row in the runs table to see its trials.")
 log = logging.getLogger(__name__)
 
 
 class RestartableOptunaSearch(OptunaSearch):
-    """OptunaSearch that tolerates a trial `--restart-errored` runs again: Optuna already closed that trial as failed
-    (an Optuna trial cannot be reopened), so the rerun's results go to Tune and MLflow only, not to the sampler.
-    Without this, Ray's OptunaSearch raises KeyError on the rerun's first result and the sweep dies."""
+    """OptunaSearch that tolerates a trial `--restart-errored` runs again, and records ASHA's stops as pruned.
+
+    A rerun trial: Optuna already closed it as failed (an Optuna trial cannot be reopened), so the rerun's results go
+    to Tune and MLflow only, not to the sampler; without this, Ray's OptunaSearch raises KeyError on the rerun's
+    first result and the sweep dies. A trial that ends before `max_t` epochs without an error was stopped by ASHA:
+    Optuna stores it as PRUNED (value: its last reported val/map), as optuna-dashboard expects, not as COMPLETE.
+    """
+
+    def __init__(self, *args: Any, max_t: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_t = max_t
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id in self._ot_trials:
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials:
-            super().on_trial_complete(trial_id, result, error)
-        else:
+        if trial_id not in self._ot_trials:
             log.info("trial %s was restarted after an error; Optuna counted it as failed and does not learn from "
                      "its rerun", trial_id)
+        elif not error and result and int(result.get("epoch", self._max_t)) < self._max_t \
+                and trial_id not in self._completed_trials:
+            trial = self._ot_trials[trial_id]
+            # Tune hands the searcher no result that its scheduler stops on: report that last one here, so the
+            # pruned trial has its value (Optuna takes a pruned trial's last intermediate value).
+            try:  # as Ray does: a trial the study already closed (a resume replaying its end) is only logged
+                trial.report(float(result[self.metric]), int(result[TRAINING_ITERATION]))
+                self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            except (RuntimeError, ValueError) as err:
+                log.warning("Optuna trial of %s: %s", trial_id, err)
+            self._completed_trials.add(trial_id)
+        else:
+            super().on_trial_complete(trial_id, result, error)
+
+
+def optuna_storage(spec: SweepSpec) -> str | None:
+    """The SQLite URL of the sweep's Optuna study (beside Tune's state), or None when that storage is remote (an
+    SQLite file cannot live on S3 / GCS: the study then stays in memory, inside Tune's searcher checkpoint)."""
+    if is_remote_path(spec.path):
+        return None
+    return f"sqlite:///{Path(spec.path) / OPTUNA_DB}"
+
+
+def dashboard_command(storage: str) -> str:
+    local = Path(sys.executable).parent / "optuna-dashboard"
+    return f"{local if local.is_file() else 'optuna-dashboard'} {storage}"
 
 
 @dataclass
@@ -112,6 +152,7 @@ class SweepResult:
     best_config: Config | None
     best_config_path: str | None = None
     confirm: list[dict[str, Any]] = field(default_factory=list)
+    optuna_storage: str | None = None  # where `optuna.load_study(study_name=name, storage=...)` finds the search
 
 
 def resolved(spec: SweepSpec) -> SweepSpec:
@@ -185,8 +226,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = 
     check_cluster_storage(spec.storage_path, spec.tracking_uri, spec.shared_storage)
     parent_id = _parent_for(spec, resume)
     spec = replace(spec, base=prepare_configs([spec.base])[0])
-    ensure_experiment(spec.tracking_uri, spec.experiment)
-    tags = run_tags({"sweep.name": spec.name, "sweep.path": spec.path, "sweep.kind": "optuna-tpe+asha"})
+    ensure_experiment(spec.tracking_uri, spec.experiment, EXPERIMENT_NOTE)
+    tags = run_tags({"sweep.name": spec.name, "sweep.path": spec.path, "sweep.kind": "optuna-tpe+asha",
+                     NOTE_TAG: _parent_note(spec)})
     with RunTracker(spec.tracking_uri, spec.experiment, run_name=spec.name, run_id=parent_id, tags=tags) as parent:
         if parent_id is None:
             _save_state(spec, parent.run_id)
@@ -199,7 +241,13 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = 
         best_path = _save_best(spec, best_config) if best_config else None
         confirm = _confirm(spec, rows, parent) if spec.confirm_top else []
     return SweepResult(spec.name, spec.path, spec.tracking_uri, spec.experiment, parent.run_id, rows, best,
-                       best_config, best_path, confirm)
+                       best_config, best_path, confirm, optuna_storage(spec))
+
+
+def _parent_note(spec: SweepSpec) -> str:
+    return (f"Sweep `{spec.name}`: {spec.num_samples} trials of {spec.base.method} on {spec.base.data.benchmark} "
+            f"over {', '.join(spec.space)}; up to {spec.base.train.epochs} epochs, ASHA grace period "
+            f"{spec.grace_period}. Tune state: {spec.path}. Made by: `{command_line()}`")
 
 
 def _settings(spec: SweepSpec) -> dict[str, Any]:
@@ -233,6 +281,15 @@ def _parent_for(spec: SweepSpec, resume: bool) -> str | None:
     return None
 
 
+def _open_storage(spec: SweepSpec) -> optuna.storages.RDBStorage | None:
+    url = optuna_storage(spec)
+    if url is None:
+        log.info("the Optuna study stays in memory: %s is remote", spec.path)
+        return None
+    Path(spec.path).mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url)
+
+
 def _search(spec: SweepSpec, parent_run_id: str, resume: bool, restart_errored: bool,
             callbacks: Sequence[Any]) -> tune.ResultGrid:
     job = TrialJob(spec.tracking_uri, spec.experiment, parent_run_id, "search", base=to_dict(spec.base))
@@ -242,7 +299,8 @@ def _search(spec: SweepSpec, parent_run_id: str, resume: bool, restart_errored: 
     all_callbacks = [RunStates(job), Progress(job, METRIC, tuple(spec.space)), *callbacks]
 
     def make_tuner() -> tune.Tuner:
-        searcher = RestartableOptunaSearch(points_to_evaluate=[point] if point else None, seed=spec.seed)
+        searcher = RestartableOptunaSearch(points_to_evaluate=[point] if point else None, seed=spec.seed, max_t=epochs,
+                                           study_name=spec.name, storage=_open_storage(spec))
         # The epoch is ASHA's clock; a trial that reaches its last epoch is never stopped there (stop_last_trials).
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(spec.grace_period, epochs),
                                   reduction_factor=spec.reduction_factor, stop_last_trials=False)

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from comic.report import tables
-from comic.report.stats import aggregate, compare_arms, paired, summarize, t_quantile
+from comic.report.stats import aggregate, aggregate_gap, compare_arms, gap_closed, paired, summarize, t_quantile
 
 # Student t, two-sided 95 %, 2 degrees of freedom, from a printed t table.
 T_975_DF2 = 4.303
@@ -31,6 +31,22 @@ def test_summary_by_hand():
     low, high = scipy_stats.t.interval(0.95, 2, loc=mean, scale=std / math.sqrt(3))
     assert (s.ci_low, s.ci_high) == pytest.approx((low, high), rel=1e-12)
     assert t_quantile(2) == pytest.approx(T_975_DF2, abs=5e-4)
+
+
+def test_gap_closed_by_hand():
+    floor, ceiling = {0: 60.0, 1: 62.0, 2: 61.0}, {0: 70.0, 1: 70.0, 2: 71.0}
+    arm = {0: 65.0, 1: 72.0, 2: 61.0, 3: 99.0}  # seed 3 has no floor: left out
+    gaps = gap_closed({"floor": floor, "ceiling": ceiling, "arm": arm}, "floor", "ceiling")
+    # (65-60)/(70-60) = 50 %; (72-62)/(70-62) = 125 % (beyond the ceiling); (61-61)/(71-61) = 0 %
+    assert gaps["arm"] == pytest.approx({0: 50.0, 1: 125.0, 2: 0.0})
+    assert gaps["floor"] == pytest.approx({0: 0.0, 1: 0.0, 2: 0.0})
+    assert gaps["ceiling"] == pytest.approx({0: 100.0, 1: 100.0, 2: 100.0})
+    rows = pd.DataFrame([{"arm": a, "seed": s, "state": "finished", "m": v}
+                         for a, d in (("floor", floor), ("ceiling", ceiling), ("arm", arm)) for s, v in d.items()])
+    frame = aggregate_gap(rows, {"total": "m"}, "floor", "ceiling", ["floor", "arm", "ceiling"])
+    got = frame.set_index("arm").loc["arm"]
+    assert got["n"] == 3 and got["mean"] == pytest.approx(175 / 3)
+    assert got["std"] == pytest.approx(math.sqrt(((50 - 175 / 3) ** 2 + (125 - 175 / 3) ** 2 + (175 / 3) ** 2) / 2))
 
 
 def test_paired_difference_within_noise_by_hand():

@@ -249,16 +249,27 @@ def test_script_smoke(name, smoke_overrides, scripts_tracking, tmp_path, capsys,
     report = tmp_path / "study" / "report"
     for file in ("report.md", "table.md", "table.tex", "table.csv", "stats.csv", "cells.csv"):
         assert (report / file).is_file(), file
-    assert (report / f"{name}.png").is_file() == (spec.figure is not None)
+    assert (report / f"{name}.png").is_file()  # every study draws a figure (bars by default)
+    assert "CAUTION: 2 seed(s)" in out  # the smoke test's two seeds say little
     cells = pd.read_csv(report / "cells.csv")
     assert set(cells["state"]) == {"finished"} and cells["seed"].nunique() == 2
     assert cells["run_id"].str.len().eq(32).all()
-    table = pd.read_csv(report / "table.csv")
-    assert table.columns.tolist() == [spec.arm_label, *spec.columns]
-    assert table.iloc[:, 0].tolist() == cells["arm"].drop_duplicates().tolist()
+    table = pd.read_csv(report / "table.csv")  # the table in numbers; table.md holds the strings
+    assert table.columns.tolist() == ["arm", "metric", "mean", "std", "n", "ci_low", "ci_high"]
+    assert {c: str(table[c].dtype) for c in ("mean", "std", "ci_low", "ci_high")} == dict.fromkeys(
+        ("mean", "std", "ci_low", "ci_high"), "float64")
+    assert table["arm"].drop_duplicates().tolist() == cells["arm"].drop_duplicates().tolist()
+    assert table["metric"].drop_duplicates().tolist() == list(spec.columns)
     stats = pd.read_csv(report / "stats.csv")
     first = stats[stats["metric"] == next(iter(spec.columns))]
     assert first["mean"].notna().all() and (first["n"] == 2).all()  # total mAP of every arm over both seeds
+    assert (report / "gap.csv").is_file() == (spec.gap is not None)
+    if spec.gap is not None:  # the floor closes 0 % of its own gap, the ceiling 100 %
+        gap = pd.read_csv(report / "gap.csv").set_index(["metric", "arm"])
+        label = "total"  # the smoke data has no many-shot class
+        assert gap.loc[(label, spec.gap[0]), "mean"] == pytest.approx(0.0)
+        assert gap.loc[(label, spec.gap[1]), "mean"] == pytest.approx(100.0)
+        assert "% of the gap closed" in out
 
 
 def test_script_rerun_skips_finished_cells_and_rejects_bad_input(smoke_overrides, scripts_tracking, tmp_path,
@@ -274,6 +285,14 @@ def test_script_rerun_skips_finished_cells_and_rejects_bad_input(smoke_overrides
     assert "to run: 0" in capsys.readouterr().out
     assert module.main([*argv, "rlc.tua=0.5"]) == 2
     assert "did you mean 'rlc.tau'" in capsys.readouterr().err
+    # a subset of arms: the reference always runs; an unknown arm is named with the ones there are
+    assert module.main([*argv, "--arm", "static", "--dry-run"]) == 0
+    assert "2 cells" in capsys.readouterr().out
+    assert _script("components").main([*argv, "--arm=-HTB", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "-HTB" in plan and "COMIC" in plan and "-RLC" not in plan
+    assert module.main([*argv, "--arm", "stat"]) == 2
+    assert "no arm 'stat' in this study; its arms are 'static', 'dynamic'" in capsys.readouterr().err
 
 
 def _git(repo: Path, *args: str) -> None:

@@ -55,7 +55,7 @@ def test_train_cli_smoke(tmp_path, smoke_overrides, script, capsys):
             "engine.progress=false"]
     assert script("experiments/train.py").main(argv) == 0
     printed = capsys.readouterr().out
-    assert "test (best)" in printed and "mlflow ui --backend-store-uri" in printed
+    assert "test (best)" in printed and "ui --backend-store-uri" in printed
     metrics = json.loads(out.read_text())
     assert metrics["epoch"] == 2 and 0 < metrics["best/test/map"] <= 100
 

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow import MlflowClient
 from ray import tune
@@ -138,10 +139,11 @@ def test_optuna_asha_sweep_logs_a_clean_hierarchy(ray_local, smoke_overrides, tm
         run = by_id[row["mlflow_run_id"]]
         assert run.info.run_name == row["trial"] and run.data.tags["tune.state"] == row["state"]
         assert steps_of(spec.tracking_uri, run.info.run_id) == list(range(1, row["epochs"] + 1))
+        assert {"best/val/map", "best/test/map", "best/epoch"} <= set(run.data.metrics)  # early-stopped too
         if row["state"] == "early-stopped":
             assert run.data.tags["early_stopped"] == "true" and int(run.data.tags["stopped_at_epoch"]) < 3
         else:
-            assert "best/val/map" in run.data.metrics and "early_stopped" not in run.data.tags
+            assert "early_stopped" not in run.data.tags
     first = result.trials[0]
     assert first["trial"] == "trial-001" and {k: first[k] for k in spec.space} == default_point(spec.space, spec.base)
     scored = [r for r in result.trials if r["state"] != "errored" and math.isfinite(r["val/map"])]
@@ -153,6 +155,23 @@ def test_optuna_asha_sweep_logs_a_clean_hierarchy(ray_local, smoke_overrides, tm
             "tables/trials.csv", "plots/optimization_history.png", "plots/parallel_coordinates.png"} <= files
     assert parent.data.metrics["trials/early_stopped"] == len(stopped)
     assert parent.data.tags["sweep.best_run_id"] == result.best["mlflow_run_id"]
+    _check_optuna_study(result)
+
+
+def _check_optuna_study(result):
+    """The Optuna study persisted beside Tune's state: every trial, ASHA's stops as PRUNED, each with its value."""
+    assert result.optuna_storage == f"sqlite:///{Path(result.experiment_path) / 'optuna.db'}"
+    study = optuna.load_study(study_name=result.name, storage=result.optuna_storage)
+    assert len(study.trials) == len(result.trials)
+    states = {"early-stopped": optuna.trial.TrialState.PRUNED, "completed": optuna.trial.TrialState.COMPLETE}
+    by_params = {tuple(sorted(t.params.items())): t for t in study.trials}
+    for row in result.trials:
+        trial = by_params[tuple(sorted((k, row[k]) for k in study.trials[0].params))]
+        assert trial.state == states[row["state"]], row
+        # the value: the last val/map Tune saw (ASHA's clock stops there); the intermediate values: one per epoch
+        assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
+        assert sorted(trial.intermediate_values) == list(range(1, row["epochs"] + 1))
+
 
 
 @pytest.fixture
@@ -281,6 +300,11 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_local, smoke_overrides
             assert after[run_id].info.end_time == run.info.end_time
     for row in result.trials:
         assert steps_of(spec.tracking_uri, row["mlflow_run_id"]) == list(range(1, row["epochs"] + 1))
+    # --resume went on with the same Optuna study: one study, every trial in it, each closed
+    assert optuna.get_all_study_names(result.optuna_storage) == [result.name]
+    study = optuna.load_study(study_name=result.name, storage=result.optuna_storage)
+    assert len(study.trials) == 4
+    assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
 
 
 @pytest.mark.ray
@@ -293,7 +317,7 @@ def test_sweep_cli_smoke_with_confirmation(ray_local, smoke_overrides, tmp_path)
            f"data.cache_dir={smoke_overrides['data.cache_dir']}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "best configuration" in proc.stdout and f"mlflow ui --backend-store-uri {uri}" in proc.stdout
+    assert "best configuration" in proc.stdout and f"ui --backend-store-uri {uri} --host 127.0.0.1" in proc.stdout
     assert " ± " in proc.stdout and (tmp_path / "ray_results" / "smoke" / "comic_sweep.json").is_file()
     assert (tmp_path / "ray_results" / "smoke-confirm-top1-seeds0-1").is_dir()
     payload = json.loads(out.read_text())
