@@ -47,7 +47,7 @@ from typing import Any
 from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.config import ConfigError
-from comic.tracking.store import ui_command
+from comic.tracking.store import experiment_link, ui_command
 from comic.tuning.cluster import Resources, TuneInterrupted, is_remote_path, ray_session
 from comic.tuning.results import format_confirm, format_trials
 from comic.tuning.space import DEFAULT_SPACE, load_space, parse_space, with_learning_rate
@@ -117,7 +117,7 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
 
 def report(result: SweepResult, spec: SweepSpec) -> None:
     print(f"\nSweep {result.name}: {len(result.trials)} trials (Tune experiment {result.experiment_path})")
-    print(format_trials(result.trials, spec.space))
+    print(format_trials(result.trials, spec.space, best=result.best))
     if result.best is None:
         print("no trial reported val/map; see the errors in the MLflow child runs")
     else:
@@ -135,10 +135,13 @@ def report(result: SweepResult, spec: SweepSpec) -> None:
         print(f"\nconfirmation: top {spec.confirm_top} with seeds {' '.join(map(str, spec.confirm_seeds))}, no "
               "early stopping (mean ± std)\n" + format_confirm(result.confirm, spec.space))
     print(f"\nMLflow parent run {result.parent_run_id} in experiment {result.experiment!r}")
-    if result.tracking_uri.startswith(("http://", "https://")):
-        print(f"  open {result.tracking_uri} in a browser (from a laptop: the SSH tunnel in README 'On a cluster')")
+    command = ui_command(result.tracking_uri)
+    if command is None:
+        print("  (from a laptop: the SSH tunnel in README 'On a cluster')")
     else:
-        print(f"  open the UI with: {ui_command(result.tracking_uri)}")
+        print(f"  open the UI with: {command}")
+    print(f"  the runs table (expand the parent row for its trials): "
+          f"{experiment_link(result.tracking_uri, result.experiment_id)}")
     if result.optuna_storage:
         print(f"Optuna study {result.name!r} (history, importances, intermediate values; ASHA stops as pruned):\n"
               f"  {dashboard_command(result.optuna_storage)}   (pip install -e '.[dashboard]')")

@@ -26,7 +26,7 @@ from comic.config import absolute_paths, identity_hash
 from comic.data.build import benchmark_digest
 from comic.report.tables import run_summary
 from comic.tracking.run import tracked_fit
-from comic.tracking.store import resolve_tracking_uri, ui_command
+from comic.tracking.store import find_run, resolve_tracking_uri, run_link, ui_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +65,9 @@ def train(args: argparse.Namespace) -> int:
     print(run_summary(result.metrics))
     command = ui_command(uri)
     print(f"MLflow run {run_id} in {uri}" + (f"\n  open the UI with: {command}" if command else ""))
+    found = find_run(uri, run_id)
+    if found is not None:
+        print(f"  its page: {run_link(uri, found.info.experiment_id, run_id)}")
     if args.metrics_out:
         Path(args.metrics_out).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     return 0

@@ -226,8 +226,9 @@ def plot_class_distribution(
     full_counts: Sequence[float] | None = None,
     title: str = "Training class distribution with RLC corrections",
 ) -> Figure:
-    """Per-class positive counts, sorted by observed count (paper Fig. 5b): observed (partial) labels, counts after
-    correction behind them, optional full-label counts as markers; many / medium / few bands shaded."""
+    """Per-class positive counts, sorted by observed count (paper Fig. 5b): observed (partial) labels and the counts
+    after correction side by side (behind each other they vanish on a log axis), optional full-label counts as
+    markers; many / medium / few bands shaded."""
     observed = np.asarray(observed_counts, dtype=float)
     corrected = np.asarray(corrected_counts, dtype=float)
     if not len(class_names) == observed.size == corrected.size:
@@ -237,8 +238,8 @@ def plot_class_distribution(
     x = np.arange(len(names))
     fig, (ax,) = _figure(_class_width(len(names)), 4.5)
     _shade_groups(ax, observed[order])
-    ax.bar(x, corrected[order], 0.8, color="#8FBF8F", label="after correction")
-    ax.bar(x, observed[order], 0.8, color="#4C72B0", label="observed (partial labels)")
+    ax.bar(x - 0.2, observed[order], 0.4, color="#4C72B0", label="observed (partial labels)")
+    ax.bar(x + 0.2, corrected[order], 0.4, color="#55A868", label="after correction")
     if full_counts is not None:
         full = np.asarray(full_counts, dtype=float)[order]
         ax.scatter(x, full, marker="_", s=80, linewidths=1.6, color="black", zorder=4, label="full labels")
@@ -258,9 +259,10 @@ def plot_per_class_ap(
     train_counts: Sequence[float],
     title: str = "Per-class AP",
 ) -> Figure:
-    """Per-class AP bars sorted high to low, coloured by shot group (from training counts), with a dashed line at
-    each group's mean AP. Classes whose AP is NaN (no positives in the evaluation set) are left out."""
-    values = np.asarray(ap, dtype=float)
+    """Per-class AP bars (`ap` in [0, 1], drawn in % like every mAP here) sorted high to low, coloured by shot group
+    (from training counts), with a dashed line at each group's mean AP. Classes whose AP is NaN (no positives in the
+    evaluation set) are left out."""
+    values = 100.0 * np.asarray(ap, dtype=float)
     counts = np.asarray(train_counts, dtype=float)
     if not len(class_names) == values.size == counts.size:
         raise ValueError("class_names, ap and train_counts must have the same length")
@@ -275,10 +277,10 @@ def plot_per_class_ap(
         if members.size:
             mean = float(members.mean())
             ax.axhline(mean, color=GROUP_COLORS[group], linestyle="--", linewidth=1.0)
-            handles.append(Patch(color=GROUP_COLORS[group], label=f"{group}: {members.size} classes, mAP {mean:.3g}"))
+            handles.append(Patch(color=GROUP_COLORS[group], label=f"{group}: {members.size} classes, mAP {mean:.1f}"))
     _class_axis(ax, [class_names[i] for i in order])
     skipped = len(class_names) - len(order)
-    ax.set_ylabel("AP")
+    ax.set_ylabel("AP (%)")
     if skipped:
         title += f" ({skipped} class{'es' if skipped > 1 else ''} without positives omitted)"
     ax.set_title(title)

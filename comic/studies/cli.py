@@ -97,7 +97,8 @@ def _chosen(arms: dict[str, Any], names: Sequence[str], reference: str | None) -
 def setup_logging() -> None:
     """For the scripts: warnings from every library, progress notes from the study runner."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("comic.studies").setLevel(logging.INFO)
+    for room in ("comic.studies", "comic.tuning.callbacks"):  # the study runner, and each Ray trial (backend ray)
+        logging.getLogger(room).setLevel(logging.INFO)
 
 
 def run(spec: AblationSpec, args: argparse.Namespace) -> Report:
@@ -191,7 +192,7 @@ def _gap(spec: AblationSpec, rows: pd.DataFrame, arms: Sequence[str]) -> pd.Data
     """The % of the floor-to-ceiling gap each arm closes, when the spec names both arms and both are in the grid."""
     if spec.gap is None or not set(spec.gap) <= set(arms):
         return None
-    return aggregate_gap(rows, spec.columns, *spec.gap, arms)
+    return aggregate_gap(rows, {c: spec.columns[c] for c in spec.gap_columns if c in spec.columns}, *spec.gap, arms)
 
 
 def _gap_text(spec: AblationSpec, gap: pd.DataFrame, arms: Sequence[str]) -> str:
@@ -201,7 +202,7 @@ def _gap_text(spec: AblationSpec, gap: pd.DataFrame, arms: Sequence[str]) -> str
         f"100 · (arm − floor) / (ceiling − floor), mean ± std (n seeds); 0 = floor, 100 = ceiling. Shot groups "
         "follow each arm's own observed training counts, so a group column compares slightly different class sets "
         "when the arms' labels differ.",
-        tables.markdown(tables.ours_table(gap, arms, list(spec.columns), first=spec.arm_label))])
+        tables.markdown(tables.ours_table(gap, arms, list(dict.fromkeys(gap["metric"])), first=spec.arm_label))])
 
 
 def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, rows: pd.DataFrame,
@@ -210,15 +211,14 @@ def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, 
     study = study_run.study
     ran, unique = len(study_run.executed), len({c.key for c in study_run.cells})
     failed = rows[rows["state"] == FAILED]
-    parts = [
-        f"== {spec.title} ==",
+    header = [  # separate paragraphs in report.md, separate lines on the console
         f"study '{study.name}': {len(study.arms())} arms x {len(study.seeds)} seeds {list(study.seeds)} = "
         f"{unique} cells; {ran} run now (backend {args.backend}), {unique - ran} reused from {study_run.dir}",
         f"setup: preset {args.preset}{' (smoke test)' if args.smoke_test else ''}, benchmark {cfg.data.benchmark}, "
         f"backbone {cfg.model.backbone}, {cfg.train.epochs} epochs, code {study_run.code}",
         METRIC_NOTE,
     ]
-    parts.append(spec.describe())
+    parts = [f"== {spec.title} ==", "", "\n\n".join(header), "", "```", spec.describe(), "```"]
     paper = spec.paper
     if paper is not None:
         parts += ["", f"PAPER - {paper.source}. Numbers reported by Zhang et al. (ICCV 2023), NOT produced by this "

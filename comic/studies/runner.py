@@ -31,7 +31,7 @@ from comic.config import Config, absolute_paths, identity, identity_hash
 from comic.progress import progress as progress_bar
 from comic.studies.plan import Cell, Study, plan
 from comic.tracking import store
-from comic.tracking.client import RunTracker
+from comic.tracking.client import ERROR_TAG, RunTracker
 from comic.tracking.provenance import code_version, command_line, run_tags
 from comic.tracking.run import RUN_ID_FILE, tracked_fit
 from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri, run_link, search_all_runs
@@ -237,10 +237,17 @@ class StudyRun:
         run_ids = self._child_run_ids()
         for cell, metrics in zip(cells, results, strict=True):
             state = FINISHED if metrics else FAILED
-            error = "" if metrics else "the Ray trial failed (see its MLflow run and the Tune experiment folder)"
             run_id = run_ids.get(cell.key, "")
+            error = "" if metrics else self._trial_error(run_id)
             row = self._row(cell, state, run_id, metrics, error, start)
             self._record(cell, row, self._history_from_mlflow(run_id) if metrics else [], on_cell)
+
+    def _trial_error(self, run_id: str) -> str:
+        """What ended a failed Ray cell: its MLflow run's error tag (the exception's last line), else where to look."""
+        text = ""
+        if run_id:
+            text = store.client(self.tracking_uri).get_run(run_id).data.tags.get(ERROR_TAG, "")
+        return text or f"the Ray trial failed (see the Tune experiment folder under {self.dir / 'ray'})"
 
     def _child_run_ids(self) -> dict[str, str]:
         """cell key -> MLflow run id of the parent's children (the newest run of a key wins)."""

@@ -58,6 +58,7 @@ class AblationSpec:
     figure: FigureFn | None = None
     smoke_variants: Sequence[str] | None = None  # a smaller grid for --smoke-test (None: all)
     gap: tuple[str, str] | None = None  # (floor arm, ceiling arm): report the % of that gap each arm closes
+    gap_columns: Sequence[str] = ("total",)  # where floor and ceiling differ enough for a ratio to mean something
 
     def describe(self) -> str:
         """The arms and their overrides, for --help."""

@@ -119,10 +119,12 @@ def _tags(cfg: Config, card: dict, extra: dict[str, str] | None) -> dict[str, st
 
 
 def log_artifacts(tracker: RunTracker, result: FitResult) -> None:
-    """Per-class AP table (Parquet + CSV) and the plots: mAP curves, shot groups, corrections, class distribution."""
+    """Per-class AP table (Parquet + CSV; AP in %) and the plots: mAP curves, shot groups, corrections, class
+    distribution."""
     best = result.per_class.get("best")
-    if best:
-        tracker.log_table(best, "per_class_ap")
+    if best:  # AP in %, like every mAP the run logs
+        tracker.log_table({k: [100.0 * v for v in vs] if k.endswith("_ap") else vs for k, vs in best.items()},
+                          "per_class_ap")
         tracker.log_figure(plots.plot_per_class_ap(best["class"], best["test_ap"], best["train_observed"]),
                            "per_class_ap.png")
     tracker.log_figure(plots.plot_map_curves(result.history), "map_curves.png")

@@ -7,8 +7,10 @@ Decisions the callers rely on:
 - Experiments are created by the driver (`ensure_experiment`) before trials start: two processes creating a
   fresh SQLite database at once race in MLflow's schema migration. For SQLite stores the artifacts live next to
   the database (`<db folder>/artifacts/<experiment>`), not in whatever directory happened to be current.
-- Every experiment is tagged `mlflow.experimentKind = custom_model_development`: MLflow 3 otherwise opens it as a
-  GenAI experiment (traces, evaluations); and it gets a description (`mlflow.note.content`, shown on its page).
+- Every experiment is tagged `mlflow.experimentKind = custom_model_development` (MLflow 3's mark of a model-training
+  experiment) and gets a description (`mlflow.note.content`, shown on its page). MLflow 3.17's UI still opens
+  experiments on its GenAI pages unless the browser's workflow switch says "Model training": the links made here
+  (`experiment_link`, `run_link`) set it.
 """
 
 from __future__ import annotations
@@ -153,10 +155,24 @@ def ui_command(uri: str) -> str | None:
     return f"{local if local.is_file() else 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1"
 
 
-def run_link(uri: str, experiment_id: str, run_id: str) -> str:
-    """A run's page in the MLflow UI: on the tracking server itself, else on `ui_command(uri)`'s address."""
+# MLflow 3.17's UI decides GenAI vs model-training pages by a workflow switch (default: GenAI, remembered per browser)
+# that overrides the experiment's kind tag; this query parameter sets it, so our links open on the runs table.
+CLASSIC_VIEW = "?workflowType=machine_learning"
+
+
+def experiment_link(uri: str, experiment_id: str) -> str:
+    """An experiment's runs table in the MLflow UI: on the tracking server itself, else on `ui_command(uri)`'s
+    address."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if run_id else ""
+    return f"{base}/#/experiments/{experiment_id}/runs{CLASSIC_VIEW}"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI (see `experiment_link`)."""
+    if not run_id:
+        return ""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{CLASSIC_VIEW}"
 
 
 def search_all_runs(mlflow_client: MlflowClient, experiment_ids: list[str], filter_string: str = "",

@@ -75,7 +75,8 @@ def log_results(parent: RunTracker, space: Mapping[str, Dimension], rows: list[d
     """Trials table (Parquet, CSV, Markdown), state counts, optimization history and parallel coordinates, and the
     best configuration with its run."""
     parent.log_table(rows, "trials")
-    parent.log_text(markdown_table(rows, columns(space)), "tables/trials.md")
+    parent.log_text(f"Trials by {METRIC} at each trial's best epoch (the best first, marked):\n\n"
+                    + markdown_table(ranked(rows), columns(space), best), "tables/trials.md")
     counts = {state: sum(r["state"] == state for r in rows) for state in STATES}
     # Step = the driver session that ended (first run 1, each resume one more): the point at the highest step is the
     # sweep's final state, even when a resume changes states without adding trials (--restart-errored).
@@ -99,22 +100,37 @@ def columns(space: Mapping[str, Any]) -> list[str]:
     return ["trial", "state", "epochs", *space, METRIC, "test/map", "best_epoch"]
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
-    """A GitHub Markdown table of the columns `names` (floats to 4 significant digits, NaN as '-')."""
-    return tables.markdown(_frame(rows, names)) + "\n"
+BEST_MARK = " (best)"
 
 
-def format_trials(rows: Sequence[Mapping[str, Any]], space: Mapping[str, Any], limit: int = 20) -> str:
-    """A fixed-width console table of the best `limit` trials by val/map."""
-    ranked = sorted(rows, key=lambda r: -r[METRIC] if math.isfinite(r[METRIC]) else math.inf)[:limit]
-    text = tables.text(_frame(ranked, columns(space)))
+def ranked(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Trials by val/map, the highest first; trials without a score (errored) last; ties keep creation order."""
+    return sorted(rows, key=lambda r: -r[METRIC] if math.isfinite(r[METRIC]) else math.inf)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
+                   best: Mapping[str, Any] | None = None) -> str:
+    """A GitHub Markdown table of the columns `names` (floats to 4 significant digits, NaN as '-'); the `best`
+    trial's name carries BEST_MARK."""
+    return tables.markdown(_frame(rows, names, best)) + "\n"
+
+
+def format_trials(rows: Sequence[Mapping[str, Any]], space: Mapping[str, Any], limit: int = 20,
+                  best: Mapping[str, Any] | None = None) -> str:
+    """A fixed-width console table of the best `limit` trials by val/map, the `best` one marked."""
+    text = tables.text(_frame(ranked(rows)[:limit], columns(space), best))
     if len(rows) > limit:
         text += f"\n... {len(rows) - limit} more trials in the MLflow parent run's tables/trials.csv"
     return text
 
 
-def _frame(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> pd.DataFrame:
-    return pd.DataFrame([[tables.number(row.get(c, "")) for c in names] for row in rows], columns=list(names))
+def _frame(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
+           best: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    def cell(row: Mapping[str, Any], name: str) -> str:
+        text = tables.number(row.get(name, ""))
+        return text + BEST_MARK if name == "trial" and best is not None and row.get("trial") == best["trial"] else text
+
+    return pd.DataFrame([[cell(row, c) for c in names] for row in rows], columns=list(names))
 
 
 # --------------------------------------------------------------------------------------------- confirmation

@@ -152,6 +152,7 @@ class SweepResult:
     best_config: Config | None
     best_config_path: str | None = None
     confirm: list[dict[str, Any]] = field(default_factory=list)
+    experiment_id: str = ""
     optuna_storage: str | None = None  # where `optuna.load_study(study_name=name, storage=...)` finds the search
 
 
@@ -226,7 +227,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = 
     check_cluster_storage(spec.storage_path, spec.tracking_uri, spec.shared_storage)
     parent_id = _parent_for(spec, resume)
     spec = replace(spec, base=prepare_configs([spec.base])[0])
-    ensure_experiment(spec.tracking_uri, spec.experiment, EXPERIMENT_NOTE)
+    experiment_id = ensure_experiment(spec.tracking_uri, spec.experiment, EXPERIMENT_NOTE)
     tags = run_tags({"sweep.name": spec.name, "sweep.path": spec.path, "sweep.kind": "optuna-tpe+asha",
                      NOTE_TAG: _parent_note(spec)})
     with RunTracker(spec.tracking_uri, spec.experiment, run_name=spec.name, run_id=parent_id, tags=tags) as parent:
@@ -241,7 +242,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = 
         best_path = _save_best(spec, best_config) if best_config else None
         confirm = _confirm(spec, rows, parent) if spec.confirm_top else []
     return SweepResult(spec.name, spec.path, spec.tracking_uri, spec.experiment, parent.run_id, rows, best,
-                       best_config, best_path, confirm, optuna_storage(spec))
+                       best_config, best_path, confirm, experiment_id, optuna_storage(spec))
 
 
 def _parent_note(spec: SweepSpec) -> str:

@@ -97,6 +97,8 @@ def test_per_class_ap(tmp_path: Path) -> None:
     assert _bars(ax) == [5]  # the NaN class is left out
     assert [t.get_text() for t in ax.get_xticklabels()] == ["person", "car", "tie", "dog", "kite"]
     assert len(ax.get_lines()) == 3  # one mean line per shot group
+    assert [round(b.get_height(), 6) for b in ax.patches] == [90.0, 70.0, 60.0, 50.0, 20.0]  # in %, high to low
+    assert ax.get_ylabel() == "AP (%)"
     assert "1 class without positives" in ax.get_title()
     _saves(fig, tmp_path, "per_class_ap")
 

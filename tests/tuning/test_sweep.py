@@ -8,11 +8,8 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -24,7 +21,7 @@ from sweep_helpers import InterruptMidTrial, runs_of, spec_for, steps_of
 from comic.config import ConfigError, load_config
 from comic.tracking.client import RunTracker
 from comic.tuning.cluster import Resources, TuneError, TuneInterrupted, absolute_storage, is_remote_path
-from comic.tuning.results import format_confirm, format_trials, markdown_table, summarize_confirm
+from comic.tuning.results import format_confirm, format_trials, markdown_table, ranked, summarize_confirm
 from comic.tuning.runner import fit_metrics, run_configs
 from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, load_space, parse_space, with_learning_rate
 from comic.tuning.sweep import load_sweep, run_sweep
@@ -85,6 +82,8 @@ def test_tables_and_confirmation_summary():
     table = markdown_table(rows, ["trial", "rlc.tau", "val/map", "test/map"])
     assert table.splitlines()[1] == "|---|---|---|---|" and "| trial-002 | 0.9 | 31 | - |" in table
     assert format_trials(rows, {"rlc.tau": None}).splitlines()[1].lstrip().startswith("trial-002")
+    marked = markdown_table(ranked(rows), ["trial", "val/map"], best=rows[1]).splitlines()[2:]
+    assert marked == ["| trial-002 (best) | 31 |", "| trial-001 | 30 |", "| trial-003 | - |"]  # by val/map
     runs = [{"best/val/map": 30.0, "best/test/map": 20.0}, {"best/val/map": 32.0, "best/test/map": 22.0}, {},
             {"best/val/map": 29.0, "best/test/map": 19.0}]
     summary = summarize_confirm(rows[:2], [1, 1, 1, 2], runs, {"rlc.tau": None})
@@ -172,41 +171,6 @@ def _check_optuna_study(result):
         assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
         assert sorted(trial.intermediate_values) == list(range(1, row["epochs"] + 1))
 
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 (free port, SQLite store, served artifacts), stopped with SIGTERM."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-           "--artifacts-destination", str(tmp_path / "served")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not come up:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
 
 
 @pytest.mark.ray
