@@ -160,8 +160,12 @@ def test_ray_backend_glue_with_a_stand_in_for_run_configs(smoke_overrides, tmp_p
         assert resume and name.startswith("rayglue-") and storage_path.endswith("ray")
         out = []
         for i, (cfg, run_name) in enumerate(zip(configs, names, strict=True)):
-            if cfg.rlc.enabled is False and cfg.seed == 1:
-                out.append({})  # a trial that errored for good
+            if cfg.rlc.enabled is False and cfg.seed == 1:  # a trial that errors for good, its run FAILED
+                broken = apply_overrides(cfg, {"method": "ml-gcn", "model.label_embeddings": ""})
+                with pytest.raises(ValueError, match="needs model.label_embeddings"):
+                    tracked_fit(broken, tracking_uri=tracking_uri, experiment=experiment, workdir=tmp_path / "bad",
+                                run_name=run_name, parent_run_id=parent_run_id, tags=tags[i])
+                out.append({})
                 continue
             result, _ = tracked_fit(cfg, tracking_uri=tracking_uri, experiment=experiment,
                                     workdir=tmp_path / "trials" / str(i), run_name=run_name,
@@ -176,7 +180,9 @@ def test_ray_backend_glue_with_a_stand_in_for_run_configs(smoke_overrides, tmp_p
         rows = run.run("ray")
         curves = run.curves()
     finished = rows[rows["state"] == FINISHED]
-    assert len(finished) == 3 and rows[rows["state"] == FAILED][["arm", "seed"]].values.tolist() == [["-RLC", 1]]
+    failed = rows[rows["state"] == FAILED]
+    assert len(finished) == 3 and failed[["arm", "seed"]].values.tolist() == [["-RLC", 1]]
+    assert failed["error"].iloc[0].startswith("ValueError: method ml-gcn needs model.label_embeddings")  # its own error
     assert all(len(r) == 32 for r in finished["run_id"]) and finished["run_id"].is_unique
     assert set(curves["metric"]) >= {"best/test/map", "val/map"} and len(curves) >= 3 * 2
 
