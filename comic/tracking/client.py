@@ -66,7 +66,7 @@ RESUME_TAG = "resume_count"
 def param_text(value: Any) -> str:
     """A param as the UI shows it: floats (also inside lists) to PARAM_DIGITS significant digits."""
     if isinstance(value, float):
-        return f"{value:.{PARAM_DIGITS}g}"
+        return repr(float(f"{value:.{PARAM_DIGITS}g}"))  # 6.0 stays "6.0", 2.48815 becomes "2.488"
     if isinstance(value, (list, tuple)) and any(isinstance(v, float) for v in value):
         return "[" + ", ".join(param_text(v) if isinstance(v, float) else repr(v) for v in value) + "]"
     return str(value)
