@@ -63,6 +63,12 @@ def _version(distribution: str) -> str:
         return "absent"
 
 
+def executable(name: str) -> str:
+    """This environment's own `name` command (a venv's bin folder is often not on PATH), else the bare name."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else name
+
+
 def command_line() -> str:
     """The command that started this process, as a user would retype it (for run descriptions)."""
     return "python " + shlex.join(sys.argv)

@@ -16,7 +16,6 @@ Decisions the callers rely on:
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -26,6 +25,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from comic._io import file_lock
+from comic.tracking.provenance import executable
 
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
 EXPERIMENT_KIND_TAG, CLASSIC_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -147,12 +147,11 @@ UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 def ui_command(uri: str) -> str | None:
-    """The command that serves the MLflow UI for a store, or None for a tracking server (its UI is already up).
-    Names this environment's own `mlflow` (a venv's bin folder is often not on PATH)."""
+    """The command that serves the MLflow UI for a store (this environment's own `mlflow`), or None for a tracking
+    server (its UI is already up)."""
     if uri.startswith(("http://", "https://")):
         return None
-    local = Path(sys.executable).parent / "mlflow"
-    return f"{local if local.is_file() else 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1"
+    return f"{executable('mlflow')} ui --backend-store-uri {uri} --host 127.0.0.1"
 
 
 # MLflow 3.17's UI decides GenAI vs model-training pages by a workflow switch (default: GenAI, remembered per browser)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from comic.config import Config, apply_overrides, from_dict, to_dict
 from comic.tracking.client import RunTracker
-from comic.tracking.provenance import command_line, run_tags
+from comic.tracking.provenance import command_line, executable, run_tags
 from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri
 from comic.tuning import results
 from comic.tuning.callbacks import Progress, RunStates
@@ -99,8 +98,7 @@ def optuna_storage(spec: SweepSpec) -> str | None:
 
 
 def dashboard_command(storage: str) -> str:
-    local = Path(sys.executable).parent / "optuna-dashboard"
-    return f"{local if local.is_file() else 'optuna-dashboard'} {storage}"
+    return f"{executable('optuna-dashboard')} {storage}"
 
 
 @dataclass
