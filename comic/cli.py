@@ -53,9 +53,18 @@ def seeds_flag(default: Sequence[int] | None, what: str) -> argparse.ArgumentPar
     (say which in `what`)."""
     parser = argparse.ArgumentParser(add_help=False)
     shown = "" if default is None else f" (default {' '.join(map(str, default))})"
-    parser.add_argument("--seeds", type=int, nargs="+", default=None if default is None else list(default),
+    parser.add_argument("--seeds", type=_seed, nargs="+", default=None if default is None else list(default),
                         metavar="N", help=what + shown)
     return parser
+
+
+def _seed(text: str) -> int:
+    """One seed; an override (`key=value`) right after the seeds gets a message that says how to place it."""
+    try:
+        return int(text)
+    except ValueError:
+        hint = "; end the seed list with -- (or put the overrides first)" if "=" in text else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (an integer){hint}") from None
 
 
 def ray_flags() -> argparse.ArgumentParser:

@@ -376,10 +376,13 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """`cfg` with absolute data paths: Ray trials and resumed runs start in other working directories."""
+    """`cfg` with absolute paths (data, ML-GCN's word vectors): Ray trials and resumed runs start in other working
+    directories."""
     overrides = {"data.cache_dir": str(absolute_path(cfg.data.cache_dir))}
     if cfg.data.root:
         overrides["data.root"] = str(absolute_path(cfg.data.root))
+    if cfg.model.label_embeddings not in ("", "random"):
+        overrides["model.label_embeddings"] = str(absolute_path(cfg.model.label_embeddings))
     return apply_overrides(cfg, overrides)
 
 
@@ -407,14 +410,22 @@ EXECUTION_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "engine.dev
                   "train.log_interval", "train.test_every_epoch")
 # Keys a resumed run may change as well: a longer schedule, another autocast precision.
 RESUME_KEYS = ("train.epochs", "engine.amp")
+# Keys only some methods read (ML-GCN's word vectors). For any other method they change nothing it computes, so
+# their identity holds the default: a table passes them once for every arm and the other arms' cells stay the same.
+METHOD_KEYS = {"model.label_embeddings": ("ml-gcn",)}
 
 
 def identity(cfg: Config, *, resumable: bool = False) -> dict[str, Any]:
     """THE definition of what a run computes: dotted key -> value of every key but EXECUTION_KEYS (and, with
-    `resumable`, RESUME_KEYS). The resume check, the ablation cell key, the work-directory name and the MLflow
-    params/tags split all use it; the data itself is identified by the benchmark's content digest, not its path."""
+    `resumable`, RESUME_KEYS; METHOD_KEYS at their default for methods that don't read them). The resume check, the
+    ablation cell key, the work-directory name and the MLflow params/tags split all use it; the data itself is
+    identified by the benchmark's content digest, not its path."""
     skip = EXECUTION_KEYS + (RESUME_KEYS if resumable else ())
-    return {key: value for key, value in to_flat_dict(cfg).items() if key not in skip}
+    flat = {key: value for key, value in to_flat_dict(cfg).items() if key not in skip}
+    for key, readers in METHOD_KEYS.items():
+        if cfg.method not in readers:
+            flat[key] = _get(Config(), key)
+    return flat
 
 
 def identity_hash(cfg: Config, *, resumable: bool = False, **extra: Any) -> str:

@@ -10,7 +10,9 @@ COMIC's standalone head and tail models (the paper's "Head Model" / "Tail Model"
 MLflow run as `best/test/head/*` and `best/test/tail/*`.
 
 ML-GCN needs label word vectors in class order: the synthetic preset uses a fixed-seed random stand-in; for
-PLT-VOC / PLT-COCO pass e.g. `model.label_embeddings=/path/to/glove_voc20_300d.npy` (ignored by the other arms).
+PLT-VOC / PLT-COCO pass e.g. `model.label_embeddings=/path/to/glove_voc20_300d.npy` (the other arms don't read it,
+so their cells, finished ones included, stay the same with or without it). Without it the ML-GCN cell fails with an
+error that says so, and the rest of the table still runs.
 
 Examples:
   python experiments/baselines.py                                   # synthetic benchmark, seeds 0 1 2, CPU

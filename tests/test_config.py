@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from comic.config import (
     EXECUTION_KEYS,
+    METHOD_KEYS,
     RESUME_KEYS,
     Config,
     ConfigError,
+    absolute_paths,
     apply_overrides,
     field_specs,
     from_dict,
@@ -87,7 +91,7 @@ def test_yaml_file_layer(tmp_path):
 
 def test_identity_is_what_a_run_computes():
     cfg = load_config()
-    assert set(EXECUTION_KEYS + RESUME_KEYS) <= set(field_specs())  # every listed key exists: no typo hides one
+    assert set(EXECUTION_KEYS + RESUME_KEYS + tuple(METHOD_KEYS)) <= set(field_specs())  # no typo hides a key
     assert identity_hash(cfg) == identity_hash(load_config())
     how = ["data.num_workers=4", "data.cache_dir=/elsewhere", "data.root=/data", "train.log_interval=3",
            "engine.threads=1", "engine.progress=false", "engine.device=cpu"]
@@ -98,6 +102,25 @@ def test_identity_is_what_a_run_computes():
     assert identity_hash(longer, resumable=True) == identity_hash(cfg, resumable=True)  # a resume may extend it
     assert "train.epochs" in identity(cfg) and "train.epochs" not in identity(cfg, resumable=True)
     assert identity_hash(cfg, dataset="a") != identity_hash(cfg, dataset="b")
+
+
+def test_a_key_only_ml_gcn_reads_leaves_other_methods_cells_alone():
+    vectors = ["model.label_embeddings=/data/glove.npy"]
+    for method in ("comic", "bce"):
+        plain = load_config("synthetic", [f"method={method}"])
+        assert identity_hash(load_config("synthetic", [f"method={method}", *vectors])) == identity_hash(plain)
+    gcn = load_config("synthetic", ["method=ml-gcn"])
+    assert identity_hash(load_config("synthetic", ["method=ml-gcn", *vectors])) != identity_hash(gcn)
+    read = identity(load_config("synthetic", ["method=ml-gcn", *vectors]))
+    assert read["model.label_embeddings"] == "/data/glove.npy"
+
+
+def test_paths_are_made_absolute_for_runs_in_other_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config("synthetic", ["data.root=voc", "model.label_embeddings=~/glove.npy"]))
+    assert cfg.data.root == str(tmp_path / "voc") and Path(cfg.data.cache_dir).is_absolute()
+    assert cfg.model.label_embeddings == str(Path.home() / "glove.npy")
+    assert absolute_paths(load_config("synthetic")).model.label_embeddings == "random"  # not a path
 
 
 def test_every_leaf_has_help_text():
