@@ -4,6 +4,7 @@ table of the paper: the paper leaves these choices open (and the released code n
 
   COMIC (paper HTB)   the default
   kappa inverse       htb.kappa=inverse: the lower-loss teacher weighs more
+  kappa per sample    htb.kappa=per-sample: the paper's rule per image (A per image), as in xERM where it comes from
   head teacher        htb.kappa=head: distil from the head model only
   D through MFM       htb.variant=mfm: the teachers' soft targets through the classification loss, not plain BCE
   lambda_b 0.1        loss.lambda_b=0.1: a fifth of the paper's HTB weight
@@ -11,7 +12,7 @@ table of the paper: the paper leaves these choices open (and the released code n
 Columns, all at the epoch with the best validation mAP: total / many / medium / few test mAP.
 
 Examples:
-  python ablations/htb_forms.py --preset voc2007-dev-lt --data ~/data/VOCdevkit --seeds 0 1 2 3 4
+  python ablations/htb_forms.py --preset voc2007-dev-lt --data ~/data/VOCdevkit --seeds 0 1 2 3 4 --backend ray
   python ablations/htb_forms.py --smoke-test
 Rerunning the same command skips finished cells, resumes interrupted ones and retries failed ones.
 """
@@ -32,6 +33,7 @@ SPEC = AblationSpec(
     variants={
         PAPER: {},
         "kappa inverse": {"htb.kappa": "inverse"},
+        "kappa per sample": {"htb.kappa": "per-sample"},
         "head teacher": {"htb.kappa": "head"},
         "D through MFM": {"htb.variant": "mfm"},
         "lambda_b 0.1": {"loss.lambda_b": 0.1},
