@@ -16,8 +16,10 @@ error that says so, and the rest of the table still runs.
 
 Examples:
   python experiments/baselines.py                                   # synthetic benchmark, seeds 0 1 2, CPU
-  python experiments/baselines.py --preset plt-voc --data ~/data/VOCdevkit model.label_embeddings=voc_glove.npy \
-      --backend ray --gpus-per-trial 0.5
+  python experiments/baselines.py --preset plt-voc --data ~/data/VOCdevkit --backend ray --gpus-per-trial 0.5 \\
+      -- model.label_embeddings=glove_voc20_300d.npy
+  python experiments/baselines.py --preset voc2007-dev-lt --data ~/data/VOCdevkit --seeds 0 1 2 3 4 --backend ray \\
+      -- model.label_embeddings=glove_voc20_300d.npy     # real photos on a CPU, about 20 minutes
   python experiments/baselines.py --smoke-test                      # seconds-scale: tiny data, 2 seeds, 2 epochs
 """
 

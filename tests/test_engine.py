@@ -57,6 +57,19 @@ def test_comic_reports_head_tail_and_correction_metrics(smoke_overrides):
         assert key in result.metrics, key
 
 
+def test_the_metric_list_is_grouped_and_holds_what_is_read(smoke_overrides):
+    """Every key under one of the sections MLflow draws; `best/` holds what tables and sweeps read (the prediction's
+    val mAPs for selection, every test metric with Table 1's head / tail models), not the sub-models' val curves."""
+    keys = set(fit(_cfg(smoke_overrides, **{"train.epochs": 1})).metrics)
+    assert {k.split("/")[0] for k in keys} == {"epoch", "best", "val", "test", "train", "rlc", "perf"}
+    assert not [k for k in keys if " " in k]
+    best = {k for k in keys if k.startswith("best/")}
+    assert {"best/epoch", "best/val/map", "best/val/map_few", "best/test/map", "best/test/head/map",
+            "best/test/tail/map", "best/test/map_chance"} <= best
+    assert not [k for k in best if k.startswith(("best/val/head", "best/val/tail", "best/val/map_chance"))]
+    assert {"val/head/map", "val/tail/map"} <= keys and not [k for k in keys if "plain" in k]
+
+
 def test_resume_after_a_crash_matches_uninterrupted_run(smoke_overrides, tmp_path, crash_after):
     base = {"train.epochs": 3, "engine.deterministic": True, "engine.threads": 1}
     clean = fit(_cfg(smoke_overrides, **base), workdir=tmp_path / "clean")
@@ -96,6 +109,30 @@ def test_step_decay_follows_the_released_schedule(smoke_overrides):
     base = cfg.optim.lr_classifier
     assert lrs["head/classifier"] == pytest.approx([base * 0.5 ** (e // 2) for e in range(1, 7)])
     assert lrs["tail/classifier"] == pytest.approx([base * 0.5 ** (e // 3) for e in range(1, 7)])
+
+
+def test_the_cpu_optimizer_is_fused_adam_with_coupled_l2(smoke_overrides):
+    """Adam's first step worked by hand: g' = g + wd * p (coupled L2), m^ = g', v^ = g'^2, so
+    p1 = p - lr * g' / (|g'| + eps); the fused kernel the trainer picks on a CPU must take exactly that step."""
+    import numpy as np
+
+    from comic.methods import DataStats, build_method
+
+    cfg = _cfg(smoke_overrides, **{"optim.weight_decay": 0.01})
+    stats = DataStats([f"c{i}" for i in range(4)], np.array([50, 20, 5, 1]), np.zeros((8, 4), dtype=np.uint8))
+    model = build_method(cfg, stats).model
+    optimizer, _ = build_optimizer(model, cfg)
+    assert optimizer.defaults["fused"] is True
+    torch.manual_seed(0)
+    before = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+            before[p] = (p.detach().clone(), group["lr"])
+    optimizer.step()
+    for p, (p0, lr) in before.items():
+        g = p.grad + 0.01 * p0
+        torch.testing.assert_close(p.detach(), p0 - lr * g / (g.abs() + 1e-8), rtol=1e-5, atol=1e-7)
 
 
 def test_non_finite_loss_names_epoch_step_and_terms():
