@@ -40,6 +40,7 @@ SPEC = AblationSpec(
         "-HTB": {"htb.enabled": False},
     },
     reference=PAPER,
+    also_against="-HTB",  # which form, if any, beats -HTB
     columns=SHOT_COLUMNS,
     smoke_variants=("head teacher", "-HTB"),
 )

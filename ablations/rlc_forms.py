@@ -39,6 +39,7 @@ SPEC = AblationSpec(
         "-RLC": {"rlc.enabled": False},
     },
     reference=PAPER,
+    also_against="-RLC",  # which form, if any, beats -RLC
     columns=SHOT_COLUMNS,
     smoke_variants=("no corrections", "-RLC"),
 )

@@ -8,8 +8,8 @@ Definitions (every table of `comic.studies` uses them, and `tests/test_stats.py`
   (same seed = same initialisation and data order), with its mean, the 95 % t interval of that mean, and the
   two-sided paired t-test p-value (`scipy.stats.ttest_rel`).
 - "Within noise": the 95 % interval of the paired difference contains 0 (equivalently p >= 0.05). With fewer than
-  two pairs nothing can be said and the flag is None. When every d_s is identical the spread is 0: the interval
-  collapses to that value and p is 1 if it is 0, else 0.
+  two pairs nothing can be said and the flag is None. When every d_s is identical (a spread below 1e-9 of the
+  mean: float rounding) the interval collapses to that value and p is 1 if it is 0, else 0.
 - Gap closed: an arm's position between a floor arm and a ceiling arm on the same seed,
   g_s = 100 · (arm_s − floor_s) / (ceiling_s − floor_s), summarised over seeds like any metric: 0 % = the floor,
   100 % = the ceiling, above 100 % beyond it.
@@ -27,6 +27,7 @@ import pandas as pd
 from scipy import stats
 
 CONFIDENCE = 0.95
+SAME_SPREAD = 1e-9  # relative spread below which the paired differences count as identical
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def paired(reference: Mapping[Any, float], arm: Mapping[Any, float], confidence:
         diff = float(d.mean()) if n else math.nan
         return Paired(n, diff, math.nan, math.nan, math.nan, math.nan, None)
     summary = summarize(d, confidence)
-    if summary.std == 0:
+    if summary.std <= SAME_SPREAD * max(1.0, abs(summary.mean)):  # float rounding of equal differences: no t-test
         p_value = 1.0 if summary.mean == 0 else 0.0
         low = high = summary.mean
     else:

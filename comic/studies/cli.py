@@ -162,7 +162,10 @@ def _report(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, r
     metrics = list(spec.columns)
     stats = aggregate(rows, spec.columns, study_run.study.references(), arms)
     ours = tables.ours_table(stats, arms, metrics, first=spec.arm_label)
-    diffs = tables.differences_table(stats, arms, metrics)
+    diffs = {"the reference arm": tables.differences_table(stats, arms, metrics)}
+    second = _also_against(spec, rows, arms)
+    if second is not None:
+        diffs[spec.also_against] = tables.differences_table(second, arms, metrics)
     cells = tables.cells_table(rows, spec.columns)
     gap = _gap(spec, rows, arms)
     outcome = Outcome(spec, arms, rows, stats, study_run.curves())
@@ -175,7 +178,8 @@ def _report(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, r
     written = study_run.publish(
         {"report.md": text, "table.md": tables.markdown(ours),
          "table.tex": tables.latex(ours, f"{spec.title} (ours; mean ± std over seeds)", f"tab:{spec.name}")},
-        {"table": stats[NUMERIC_TABLE], "stats": stats, "cells": rows[keep]} | ({} if gap is None else {"gap": gap}),
+        {"table": stats[NUMERIC_TABLE], "stats": stats, "cells": rows[keep]} | ({} if gap is None else {"gap": gap})
+        | ({} if second is None else {"stats_also_against": second}),
         figures, _parent_metrics(stats))
     text += "\n\nFiles:\n" + "\n".join(f"  {p}" for p in written)
     state = rows["state"]
@@ -186,6 +190,13 @@ def _default_figure(spec: AblationSpec) -> FigureFn:
     """Bars of total and few-shot mAP (those the spec has; else its first column) for a spec that draws nothing else."""
     metrics = tuple(m for m in ("total", "few") if m in spec.columns) or (next(iter(spec.columns)),)
     return bars_figure(f"{spec.title}: test mAP (%) by {spec.arm_label}", metrics)
+
+
+def _also_against(spec: AblationSpec, rows: pd.DataFrame, arms: Sequence[str]) -> pd.DataFrame | None:
+    """Every arm paired with `spec.also_against` too, when the spec names one and it is in the grid."""
+    if spec.also_against not in arms:
+        return None
+    return aggregate(rows, spec.columns, {arm: spec.also_against for arm in arms}, arms)
 
 
 def _gap(spec: AblationSpec, rows: pd.DataFrame, arms: Sequence[str]) -> pd.DataFrame | None:
@@ -206,7 +217,8 @@ def _gap_text(spec: AblationSpec, gap: pd.DataFrame, arms: Sequence[str]) -> str
 
 
 def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, rows: pd.DataFrame,
-             ours: pd.DataFrame, diffs: pd.DataFrame, cells: pd.DataFrame, figures: Mapping[str, Any]) -> str:
+             ours: pd.DataFrame, diffs: Mapping[str, pd.DataFrame], cells: pd.DataFrame,
+             figures: Mapping[str, Any]) -> str:
     cfg = study_run.cells[0].config
     study = study_run.study
     ran, unique = len(study_run.executed), len({c.key for c in study_run.cells})
@@ -225,10 +237,11 @@ def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, 
                       "run:", tables.markdown(_paper_frame(spec))]
         if paper.note:
             parts.append(paper.note)
-    parts += ["", f"OURS - {cfg.data.benchmark}, mean ± std (n seeds):", tables.markdown(ours),
-              "", "OURS - paired differences against the reference arm:", STATS_NOTE, *_caution(study.seeds),
-              tables.markdown(diffs),
-              "", f"Cells (MLflow experiment '{study_run.experiment}' at {study_run.tracking_uri}; parent run "
+    parts += ["", f"OURS - {cfg.data.benchmark}, mean ± std (n seeds):", tables.markdown(ours)]
+    for i, (against, table) in enumerate(diffs.items()):
+        note = [STATS_NOTE, *_caution(study.seeds)] if i == 0 else []
+        parts += ["", f"OURS - paired differences against {against}:", *note, tables.markdown(table)]
+    parts += ["", f"Cells (MLflow experiment '{study_run.experiment}' at {study_run.tracking_uri}; parent run "
                   f"{study_run.parent.run_id if study_run.parent else '-'}; a cell's page: "
                   f"{_link_pattern(study_run)}):",
               tables.markdown(cells)]

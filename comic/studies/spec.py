@@ -59,6 +59,7 @@ class AblationSpec:
     smoke_variants: Sequence[str] | None = None  # a smaller grid for --smoke-test (None: all)
     gap: tuple[str, str] | None = None  # (floor arm, ceiling arm): report the % of that gap each arm closes
     gap_columns: Sequence[str] = ("total",)  # where floor and ceiling differ enough for a ratio to mean something
+    also_against: str | None = None  # a second arm every arm is paired with too (e.g. -HTB: which form beats none)
 
     def describe(self) -> str:
         """The arms and their overrides, for --help."""

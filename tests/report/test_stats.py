@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pandas as pd
 import pytest
@@ -79,6 +80,12 @@ def test_pairs_only_common_finite_seeds_and_degenerate_cases():
     assert same.p_value == 1.0 and same.within_noise is True and same.ci_low == same.ci_high == 0
     shifted = paired(REFERENCE, {k: v + 1 for k, v in REFERENCE.items()})
     assert shifted.p_value == 0.0 and shifted.within_noise is False and shifted.diff == pytest.approx(1.0)
+    rounded = {0: 50.3, 1: 51.7, 2: 66.66}  # + 1.1 differs from 1.1 in the last bits, differently per seed
+    assert len({rounded[k] + 1.1 - rounded[k] for k in rounded}) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy warns of catastrophic cancellation on such differences
+        almost = paired(rounded, {k: v + 1.1 for k, v in rounded.items()})
+    assert almost.p_value == 0.0 and almost.ci_low == almost.ci_high == pytest.approx(1.1)
     single = summarize([3.0, math.nan])
     assert single.n == 1 and single.mean == 3.0 and math.isnan(single.std) and math.isnan(single.ci_low)
     assert summarize([]).n == 0

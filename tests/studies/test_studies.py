@@ -276,6 +276,15 @@ def test_script_smoke(name, smoke_overrides, scripts_tracking, tmp_path, capsys,
         assert gap.loc[(label, spec.gap[0]), "mean"] == pytest.approx(0.0)
         assert gap.loc[(label, spec.gap[1]), "mean"] == pytest.approx(100.0)
         assert "% of the gap closed" in out
+    if spec.also_against is not None:  # every arm paired with the second arm too, worked from the cells here
+        assert f"OURS - paired differences against {spec.also_against}:" in out
+        second = pd.read_csv(report / "stats_also_against.csv")
+        column = next(iter(spec.columns.values()))
+        by_seed = cells.pivot(index="seed", columns="arm", values=column)
+        for arm in by_seed.columns.drop(spec.also_against):
+            row = second[(second["arm"] == arm) & (second["key"] == column)].iloc[0]
+            assert row["reference"] == spec.also_against
+            assert row["diff"] == pytest.approx((by_seed[arm] - by_seed[spec.also_against]).mean())
 
 
 def test_script_rerun_skips_finished_cells_and_rejects_bad_input(smoke_overrides, scripts_tracking, tmp_path,
