@@ -89,7 +89,9 @@ SPEC = AblationSpec(
 
 
 def paper_table(preset: str) -> PaperTable:
-    return _paper(PAPER_VOC, "PLT-VOC") if preset == "plt-voc" else _paper(PAPER_COCO, "PLT-COCO")
+    """The paper's table for the benchmark closest to the preset's: PLT-VOC for the VOC presets (the same 20 classes;
+    `voc2007-dev*` are real VOC photos), PLT-COCO otherwise."""
+    return _paper(PAPER_VOC, "PLT-VOC") if "voc" in preset else _paper(PAPER_COCO, "PLT-COCO")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,3 +112,12 @@ def test_baselines_script_smoke(tmp_path, smoke_overrides, script, capsys, resto
     gap = pd.read_csv(tmp_path / "study" / "report" / "gap.csv").set_index(["metric", "arm"])["mean"]
     assert gap[("total", "BCE")] == pytest.approx(0.0) and gap[("total", "BCE (full labels)")] == pytest.approx(100.0)
     assert gap.loc["total"].notna().all()
+
+
+def test_baselines_script_shows_the_paper_table_of_the_closest_benchmark(script):
+    module = script("experiments/baselines.py")
+    for preset, source in (("plt-voc", "PLT-VOC"), ("voc2007-dev", "PLT-VOC"), ("voc2007-dev-lt", "PLT-VOC"),
+                           ("plt-coco", "PLT-COCO"), ("synthetic", "PLT-COCO")):
+        table = module.paper_table(preset)
+        assert table.source.startswith(f"Table 1, {source}"), preset
+        assert table.rows["COMIC"][3] == ("81.53 ± 0.35" if source == "PLT-VOC" else "55.08 ± 0.14")
