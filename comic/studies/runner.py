@@ -218,8 +218,8 @@ class StudyRun:
             log.warning("cell %s (%s) failed: %s", cell.key, self._run_name(cell), err)
             id_file = workdir / RUN_ID_FILE
             run_id = id_file.read_text().strip() if id_file.is_file() else ""
-            return self._row(cell, FAILED, run_id, {}, f"{type(err).__name__}: {err}", start), []
-        return self._row(cell, FINISHED, run_id, result.metrics, "", start), result.history
+            return self._row(cell, FAILED, run_id, {}, f"{type(err).__name__}: {err}", _since(start)), []
+        return self._row(cell, FINISHED, run_id, result.metrics, "", _since(start)), result.history
 
     def _run_ray(self, cells: list[Cell], resources: Resources | None, max_failures: int, shared_storage: bool,
                  on_cell: OnCell | None) -> None:
@@ -234,12 +234,13 @@ class StudyRun:
                               experiment=self.experiment, parent_run_id=self.parent.run_id,
                               resources=resources or Resources(), max_failures=max_failures, resume=True,
                               tags=[self._child_tags(c) for c in cells], shared_storage=shared_storage)
-        run_ids = self._child_run_ids()
+        runs = self._child_runs()
         for cell, metrics in zip(cells, results, strict=True):
             state = FINISHED if metrics else FAILED
-            run_id = run_ids.get(cell.key, "")
+            run = runs.get(cell.key)
+            run_id = run.info.run_id if run else ""
             error = "" if metrics else self._trial_error(run_id)
-            row = self._row(cell, state, run_id, metrics, error, start)
+            row = self._row(cell, state, run_id, metrics, error, _run_seconds(run) if run else _since(start))
             self._record(cell, row, self._history_from_mlflow(run_id) if metrics else [], on_cell)
 
     def _trial_error(self, run_id: str) -> str:
@@ -249,13 +250,13 @@ class StudyRun:
             text = store.client(self.tracking_uri).get_run(run_id).data.tags.get(ERROR_TAG, "")
         return text or f"the Ray trial failed (see the Tune experiment folder under {self.dir / 'ray'})"
 
-    def _child_run_ids(self) -> dict[str, str]:
-        """cell key -> MLflow run id of the parent's children (the newest run of a key wins)."""
+    def _child_runs(self) -> dict[str, Any]:
+        """cell key -> the MLflow run of the parent's children (the newest run of a key wins)."""
         assert self.parent is not None
         runs = search_all_runs(store.client(self.tracking_uri), [self.experiment_id],
                                f"tags.mlflow.parentRunId = '{self.parent.run_id}'",
                                order_by=["attributes.start_time ASC"])
-        return {r.data.tags["ablation.cell"]: r.info.run_id for r in runs if "ablation.cell" in r.data.tags}
+        return {r.data.tags["ablation.cell"]: r for r in runs if "ablation.cell" in r.data.tags}
 
     def _history_from_mlflow(self, run_id: str) -> list[dict[str, float]]:
         client = store.client(self.tracking_uri)
@@ -266,10 +267,10 @@ class StudyRun:
         return [epochs[e] for e in sorted(epochs)]
 
     def _row(self, cell: Cell, state: str, run_id: str, metrics: Mapping[str, float], error: str,
-             start: float) -> dict[str, Any]:
+             wall_s: float) -> dict[str, Any]:
         row = {"key": cell.key, "study": self.study.name, "arm": cell.arm.name, "variant": cell.arm.variant,
                "benchmark": cell.arm.benchmark, "seed": cell.seed, "state": state, "run_id": run_id, "error": error,
-               "wall_s": time.perf_counter() - start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "wall_s": wall_s, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "code_version": self.code, "dataset_digest": cell.dataset, "identity": identity_hash(cell.config)}
         return row | {k: float(v) for k, v in metrics.items()}
 
@@ -325,3 +326,13 @@ class StudyRun:
             done = sum(self.store.state(k) == FINISHED for k in {c.key for c in self.cells})
             self.parent.log_metrics(finite, step=done)
         return written
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+def _run_seconds(run: Any) -> float:
+    """A Ray cell's own wall time: its MLflow run's start to end (the trials of a grid overlap)."""
+    end = run.info.end_time or time.time() * 1000
+    return (end - run.info.start_time) / 1000

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -177,9 +178,16 @@ def test_ray_backend_glue_with_a_stand_in_for_run_configs(smoke_overrides, tmp_p
     base = load_config("synthetic", smoke_overrides | {"train.epochs": 1})
     study = Study("rayglue", {"COMIC": {}, "-RLC": {"rlc.enabled": False}}, (0, 1))
     with StudyRun(study, base, study_dir=tmp_path / "study", tracking_uri=f"sqlite:///{tmp_path}/m.db") as run:
+        start = time.perf_counter()
         rows = run.run("ray")
+        elapsed = time.perf_counter() - start
         curves = run.curves()
     finished = rows[rows["state"] == FINISHED]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    for row in finished.to_dict("records"):  # each cell's own wall time (its run's start to end), not the grid's
+        info = client.get_run(row["run_id"]).info
+        assert row["wall_s"] == pytest.approx((info.end_time - info.start_time) / 1000)
+    assert finished["wall_s"].sum() < elapsed
     failed = rows[rows["state"] == FAILED]
     assert len(finished) == 3 and failed[["arm", "seed"]].values.tolist() == [["-RLC", 1]]
     assert failed["error"].iloc[0].startswith("ValueError: method ml-gcn needs model.label_embeddings")  # its own error
