@@ -23,6 +23,7 @@ import pandas as pd
 
 from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
+from comic.config import EXECUTION_KEYS
 from comic.report import tables
 from comic.report.stats import aggregate, aggregate_gap
 from comic.studies.figures import bars_figure
@@ -101,6 +102,15 @@ def setup_logging() -> None:
         logging.getLogger(room).setLevel(logging.INFO)
 
 
+def plan_label(args: argparse.Namespace) -> str:
+    """The preset and the overrides that change what is computed (`voc2007-dev-lt data.split_seed=1`), paths cut to
+    their file names: two plans of one study (another split, another preset) get told apart in MLflow's runs table."""
+    overrides = [item.strip() for item in args.overrides if item.split("=", 1)[0].strip() not in EXECUTION_KEYS]
+    short = [f"{key}={Path(value).name if '/' in value else value}" for key, _, value in
+             (item.partition("=") for item in overrides)]
+    return " ".join(["smoke-test" if args.smoke_test else args.preset, *short])
+
+
 def run(spec: AblationSpec, args: argparse.Namespace) -> Report:
     """Run (or resume) the study the arguments describe and return its report; raises ConfigError on bad input."""
     if args.list_keys:
@@ -109,7 +119,7 @@ def run(spec: AblationSpec, args: argparse.Namespace) -> Report:
     suffix = "-smoke" if args.smoke_test else ""
     study_run = StudyRun(study, base_config(args), study_dir=args.study_dir or Path("studies") / f"{spec.name}{suffix}",
                          tracking_uri=args.tracking_uri, experiment=args.experiment or f"ablation-{spec.name}{suffix}",
-                         title=spec.title)
+                         title=spec.title, label=plan_label(args))
     if args.dry_run:
         return Report(_plan_text(study_run))
     resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent)

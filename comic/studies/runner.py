@@ -93,9 +93,11 @@ class StudyRun:
     `publish()` the tables and figures to the study directory and the parent run."""
 
     def __init__(self, study: Study, base: Config, *, study_dir: str | Path, tracking_uri: str | None = None,
-                 experiment: str | None = None, code: str | None = None, title: str | None = None) -> None:
+                 experiment: str | None = None, code: str | None = None, title: str | None = None,
+                 label: str = "") -> None:
         self.study = study
         self.title = title or f"ablation study {study.name}"
+        self.label = label  # what sets this plan apart from its siblings in the runs table (preset, overrides)
         self.dir = Path(study_dir).expanduser().resolve()
         self.code = code or code_version()
         self.cells = plan(study, absolute_paths(base), self.code)
@@ -126,7 +128,7 @@ class StudyRun:
         parents = json.loads(parents_file.read_text()) if parents_file.is_file() else {}
         tags = run_tags({"ablation.study": self.study.name, "ablation.role": "study", "code_version": self.code,
                          NOTE_TAG: self._parent_note()})
-        name = f"{self.study.name} ({len(self.cells)} cells)"
+        name = " · ".join(filter(None, (self.study.name, self.label))) + f" ({len(self.cells)} cells)"
         tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, run_id=parents.get(self.plan_hash),
                              tags=tags)
         try:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from comic.config import ConfigError, apply_overrides, load_config
 from comic.report.stats import aggregate
-from comic.studies import runner
+from comic.studies import cli, runner
 from comic.studies.plan import Study, cell_key, plan
 from comic.studies.runner import FAILED, FINISHED, PENDING, StudyRun
 from comic.tracking.run import tracked_fit
@@ -268,6 +269,9 @@ def test_script_smoke(name, smoke_overrides, scripts_tracking, tmp_path, capsys,
     cells = pd.read_csv(report / "cells.csv")
     assert set(cells["state"]) == {"finished"} and cells["seed"].nunique() == 2
     assert cells["run_id"].str.len().eq(32).all()
+    child = MlflowClient(scripts_tracking).get_run(cells["run_id"].iloc[0])
+    parent = MlflowClient(scripts_tracking).get_run(child.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == f"{spec.name} · smoke-test ({len(cells)} cells)"  # execution keys are not shown
     table = pd.read_csv(report / "table.csv")  # the table in numbers; table.md holds the strings
     assert table.columns.tolist() == ["arm", "metric", "mean", "std", "n", "ci_low", "ci_high"]
     assert {c: str(table[c].dtype) for c in ("mean", "std", "ci_low", "ci_high")} == dict.fromkeys(
@@ -293,6 +297,16 @@ def test_script_smoke(name, smoke_overrides, scripts_tracking, tmp_path, capsys,
             row = second[(second["arm"] == arm) & (second["key"] == column)].iloc[0]
             assert row["reference"] == spec.also_against
             assert row["diff"] == pytest.approx((by_seed[arm] - by_seed[spec.also_against]).mean())
+
+
+def test_plan_label_names_the_preset_and_the_overrides_that_change_results():
+    """Two plans of one study in one experiment (split seeds 0 and 1) get parent runs the runs table tells apart."""
+    module = _script("components")
+    parser = cli.build_parser(module.SPEC, "doc")
+    args = cli.parse(parser, ["--preset", "voc2007-dev-lt", "--seeds", "0", "1", "--", "data.split_seed=1",
+                              "engine.threads=1", "model.label_embeddings=/data/vectors/glove_voc20_300d.npy"])
+    assert cli.plan_label(args) == "voc2007-dev-lt data.split_seed=1 model.label_embeddings=glove_voc20_300d.npy"
+    assert cli.plan_label(cli.parse(parser, ["--smoke-test", "data.cache_dir=/tmp/x"])) == "smoke-test"
 
 
 def test_script_rerun_skips_finished_cells_and_rejects_bad_input(smoke_overrides, scripts_tracking, tmp_path,
