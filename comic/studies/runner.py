@@ -147,9 +147,11 @@ class StudyRun:
         return self
 
     def _experiment_note(self) -> str:
-        return (f"{self.title}. One parent run per plan (the tables, the figure and agg/<arm>/<metric>/mean|std|n), "
-                "with a nested child run per (arm, seed) cell (tags ablation.arm, seed; per-epoch val/, test/, train/ "
-                "curves). Expand a parent row in the runs table to see its cells; group by the arm tag to compare.")
+        # A code span: MLflow renders the description as Markdown, where a bare <arm> reads as an HTML tag.
+        return (f"{self.title}. One parent run per plan (the tables, the figure and "
+                "`agg/<arm>/<metric>/mean|std|n`), with a nested child run per (arm, seed) cell (tags ablation.arm, "
+                "seed; per-epoch val/, test/, train/ curves). Expand a parent row in the runs table to see its cells; "
+                "group by the arm tag to compare.")
 
     def _parent_note(self) -> str:
         arms = ", ".join(a.name for a in self.study.arms())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,8 @@ def test_script_smoke(name, smoke_overrides, scripts_tracking, tmp_path, capsys,
     child = MlflowClient(scripts_tracking).get_run(cells["run_id"].iloc[0])
     parent = MlflowClient(scripts_tracking).get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.info.run_name == f"{spec.name} · smoke-test ({len(cells)} cells)"  # execution keys are not shown
+    note = MlflowClient(scripts_tracking).get_experiment(parent.info.experiment_id).tags["mlflow.note.content"]
+    assert "<" not in re.sub(r"`[^`]*`", "", note)  # MLflow renders it as Markdown: a bare <arm> would vanish
     table = pd.read_csv(report / "table.csv")  # the table in numbers; table.md holds the strings
     assert table.columns.tolist() == ["arm", "metric", "mean", "std", "n", "ci_low", "ci_high"]
     assert {c: str(table[c].dtype) for c in ("mean", "std", "ci_low", "ci_high")} == dict.fromkeys(
