@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from mlflow.entities import Run
 
-from comic.config import Config, identity, to_dict, to_flat_dict
+from comic.checkpoint import CheckpointError, load_checkpoint
+from comic.config import Config, identity, identity_hash, to_dict, to_flat_dict
 from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
@@ -42,6 +43,7 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     card = json.loads((ensure_benchmark(cfg.data) / CARD_JSON).read_text())
+    _refuse_foreign_checkpoint(cfg, workdir, card)
     run = _earlier_run(workdir, tracking_uri)
     done = finished_result(cfg, workdir) if run is not None and run.info.status == "FINISHED" else None
     if done is not None:
@@ -69,6 +71,16 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
         if not artifacts_logged:  # the last epoch ran in an earlier, interrupted process
             log_artifacts(tracker, result)
     return result, tracker.run_id
+
+
+def _refuse_foreign_checkpoint(cfg: Config, workdir: Path, card: dict) -> None:
+    """Raise CheckpointError when `workdir` holds another run's checkpoint, before its MLflow run is reattached:
+    reattaching would log clashing params onto that run and end it FAILED. The identity is the engine's own
+    (`identity_hash`, resumable, with the benchmark's content digest)."""
+    state = load_checkpoint(workdir / "checkpoint")
+    if state is not None and state.get("identity") != identity_hash(cfg, resumable=True, dataset=content_digest(card)):
+        raise CheckpointError(f"{workdir} holds a checkpoint of a different run (another configuration or "
+                              "benchmark); use a new work directory or the same settings")
 
 
 def _earlier_run(workdir: Path, tracking_uri: str) -> Run | None:

@@ -119,6 +119,26 @@ def test_a_work_directory_of_another_store_and_a_finished_rerun(smoke_overrides,
     assert client.get_run(run.info.run_id).data.tags.get("resume_count") is None  # not reattached, not retrained
 
 
+def test_a_work_directory_of_another_configuration_is_refused_and_its_run_left_alone(smoke_overrides, tmp_path,
+                                                                                     script, capsys):
+    """`--workdir` naming another configuration's run: one error line naming the folder, and that run's MLflow
+    record untouched (before: its params clashed on reattach, a traceback, and the finished run marked FAILED)."""
+    train = script("experiments/train.py")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["--smoke-test", "--workdir", str(tmp_path / "work"), "--tracking-uri", uri,
+            f"data.cache_dir={smoke_overrides['data.cache_dir']}", "engine.progress=false"]
+    assert train.main([*argv, "method=bce"]) == 0
+    client = mlflow.tracking.MlflowClient(uri)
+    (first,) = client.search_runs([client.get_experiment_by_name("comic-train").experiment_id])
+    capsys.readouterr()
+    assert train.main([*argv, "method=comic"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "work") in err and "Traceback" not in err
+    again = client.get_run(first.info.run_id)
+    assert again.info.status == "FINISHED" and again.data.tags.get("resume_count") is None
+    assert again.data.params["method"] == "bce"
+
+
 def test_a_built_benchmark_decides_what_is_recorded(smoke_overrides, tmp_path, script, capsys):
     """Row 13: `--data <built benchmark>`: a data.* override that would change it is refused; without one, the
     logged data params and tags come from its card, and the card is logged."""
