@@ -105,10 +105,10 @@ def setup_logging() -> None:
 def plan_label(args: argparse.Namespace) -> str:
     """The preset and the overrides that change what is computed (`voc2007-dev-lt data.split_seed=1`), paths cut to
     their file names: two plans of one study (another split, another preset) get told apart in MLflow's runs table."""
-    overrides = [item.strip() for item in args.overrides if item.split("=", 1)[0].strip() not in EXECUTION_KEYS]
-    short = [f"{key}={Path(value).name if '/' in value else value}" for key, _, value in
-             (item.partition("=") for item in overrides)]
-    return " ".join(["smoke-test" if args.smoke_test else args.preset, *short])
+    pairs = (item.strip().partition("=") for item in args.overrides)
+    shown = [f"{key}={Path(value).name if '/' in value else value}" for key, _, value in pairs
+             if key.strip() not in EXECUTION_KEYS]
+    return " ".join(["smoke-test" if args.smoke_test else args.preset, *shown])
 
 
 def run(spec: AblationSpec, args: argparse.Namespace) -> Report:

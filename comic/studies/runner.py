@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 import pandas as pd
+from mlflow.entities import Run
 
 from comic._io import atomic_write, atomic_write_text, stable_hash
 from comic.config import Config, absolute_paths, identity, identity_hash
@@ -254,7 +255,7 @@ class StudyRun:
             text = store.client(self.tracking_uri).get_run(run_id).data.tags.get(ERROR_TAG, "")
         return text or f"the Ray trial failed (see the Tune experiment folder under {self.dir / 'ray'})"
 
-    def _child_runs(self) -> dict[str, Any]:
+    def _child_runs(self) -> dict[str, Run]:
         """cell key -> the MLflow run of the parent's children (the newest run of a key wins)."""
         assert self.parent is not None
         runs = search_all_runs(store.client(self.tracking_uri), [self.experiment_id],
@@ -336,7 +337,7 @@ def _since(start: float) -> float:
     return time.perf_counter() - start
 
 
-def _run_seconds(run: Any) -> float:
+def _run_seconds(run: Run) -> float:
     """A Ray cell's own wall time: its MLflow run's start to end (the trials of a grid overlap)."""
     end = run.info.end_time or time.time() * 1000
     return (end - run.info.start_time) / 1000

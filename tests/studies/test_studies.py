@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from comic.config import ConfigError, apply_overrides, load_config
 from comic.report.stats import aggregate
@@ -270,10 +269,10 @@ def test_script_smoke(name, smoke_overrides, scripts_tracking, tmp_path, capsys,
     cells = pd.read_csv(report / "cells.csv")
     assert set(cells["state"]) == {"finished"} and cells["seed"].nunique() == 2
     assert cells["run_id"].str.len().eq(32).all()
-    child = MlflowClient(scripts_tracking).get_run(cells["run_id"].iloc[0])
-    parent = MlflowClient(scripts_tracking).get_run(child.data.tags["mlflow.parentRunId"])
+    client = mlflow.MlflowClient(scripts_tracking)
+    parent = client.get_run(client.get_run(cells["run_id"].iloc[0]).data.tags["mlflow.parentRunId"])
     assert parent.info.run_name == f"{spec.name} · smoke-test ({len(cells)} cells)"  # execution keys are not shown
-    note = MlflowClient(scripts_tracking).get_experiment(parent.info.experiment_id).tags["mlflow.note.content"]
+    note = client.get_experiment(parent.info.experiment_id).tags["mlflow.note.content"]
     assert "<" not in re.sub(r"`[^`]*`", "", note)  # MLflow renders it as Markdown: a bare <arm> would vanish
     table = pd.read_csv(report / "table.csv")  # the table in numbers; table.md holds the strings
     assert table.columns.tolist() == ["arm", "metric", "mean", "std", "n", "ci_low", "ci_high"]
