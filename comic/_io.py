@@ -1,5 +1,12 @@
-"""The file-system idioms every part of the library shares: atomic writes, stable hashes, temporary build folders and
-an advisory file lock. One definition each, so "written atomically" and "content hash" mean the same everywhere.
+"""The operating-system idioms every part of the library shares: atomic writes, stable hashes, temporary build
+folders, an advisory file lock, and SIGTERM. One definition each, so "written atomically", "content hash" and "what a
+SIGTERM does" mean the same everywhere.
+
+SIGTERM, in the main thread: `GUARD` marks sections a SIGTERM must not cut (an MLflow store call inside its SQLite
+transaction, a checkpoint being written; the signal is handled when the outermost one ends), and `SigtermHandler` runs
+an action, then passes the signal on to the handler installed before it, so that handlers stack: the checkpoint writes
+the last finished epoch, the MLflow run is marked KILLED, and the process still dies of SIGTERM as it would without
+either.
 """
 
 from __future__ import annotations
@@ -11,9 +18,12 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -131,3 +141,88 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM
+
+
+class CallGuard:
+    """Counts guarded sections in progress in the main thread; a SIGTERM arriving during one waits for its end.
+
+    The signal handler runs in the main thread between bytecodes, possibly inside an open SQLite write transaction of
+    that same thread (writing the KILLED status from the handler would then wait on our own lock) or halfway through
+    copying a checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.deferred: list[Callable[[], None]] = []
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            self.depth += 1
+        try:
+            yield
+        finally:
+            if main:
+                self.depth -= 1
+                while self.depth == 0 and self.deferred:
+                    self.deferred.pop(0)()
+
+
+GUARD = CallGuard()  # one per process: every handler and guarded section shares it
+
+
+class SigtermHandler:
+    """`action()` on SIGTERM (after any guarded section in progress), then the previous handler's turn.
+
+    Installed in the main thread only (Python delivers signals there; a Ray trial's thread cannot install one), and
+    not over SIG_IGN (a process that ignores SIGTERM keeps running). `uninstall` restores the previous handler if ours
+    is still on top; otherwise ours stays and only passes the signal on once `action` has run.
+    """
+
+    def __init__(self, action: Callable[[int], None]) -> None:
+        self.action = action
+        self.previous: Any = None
+        self.installed = False
+        self.done = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_IGN:
+            return
+        self.previous, self.installed = previous, True
+        signal.signal(signal.SIGTERM, self)
+
+    def uninstall(self) -> None:
+        self.done = True  # a handler left in place passes signals on without acting
+        if not self.installed or threading.current_thread() is not threading.main_thread():
+            return
+        self.installed = False
+        if signal.getsignal(signal.SIGTERM) is self:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if GUARD.depth:
+            GUARD.deferred.append(lambda: self._handle(signum, None))
+        else:
+            self._handle(signum, frame)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self.action(signum)
+            except Exception:
+                log.exception("could not complete the SIGTERM action %s", self.action)
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
+            return
+        # SIG_DFL (or a handler installed from C): let the default action end the process, as it would without us.
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)

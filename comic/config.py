@@ -186,6 +186,8 @@ class TrainConfig:
     log_interval: int = _spec(20, POS_INT, "steps between reads of the on-device metric accumulators")
     test_every_epoch: bool = _spec(False, None, "evaluate the test set every epoch (curves); by default only when "
                                                 "val/map improves: the best-on-val test metrics are the same")
+    checkpoint_every_s: float = _spec(60.0, NONNEG, "seconds of training between checkpoints (0: every epoch); "
+                                                    "always at the last epoch and on an interrupt")
 
 
 @dataclass
@@ -407,7 +409,7 @@ def from_dict(tree: Mapping[str, Any]) -> Config:
 # which device and kernels, progress and logging cadence. A run's identity leaves them out.
 EXECUTION_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "engine.device", "engine.compile",
                   "engine.channels_last", "engine.deterministic", "engine.threads", "engine.progress",
-                  "train.log_interval", "train.test_every_epoch")
+                  "train.log_interval", "train.test_every_epoch", "train.checkpoint_every_s")
 # Keys a resumed run may change as well: a longer schedule, another autocast precision.
 RESUME_KEYS = ("train.epochs", "engine.amp")
 # Keys only some methods read (ML-GCN's word vectors). For any other method they change nothing it computes, so

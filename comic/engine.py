@@ -8,10 +8,9 @@ to `tune.report`). Validation picks the best epoch; test metrics are logged besi
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from comic.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from comic.config import Config, identity_hash, to_dict
-from comic.data.build import ensure_benchmark
+from comic.checkpoint import CheckpointPolicy, RunCheckpoint, RunState
+from comic.config import Config
+from comic.data.build import benchmark_digest, ensure_benchmark
 from comic.data.features import build_feature_loaders, ensure_features
 from comic.data.images import build_loaders, class_aware_loader
 from comic.data.reader import Benchmark, load_benchmark
@@ -33,44 +32,10 @@ from comic.progress import progress
 
 log = logging.getLogger(__name__)
 
-SELECTION_METRIC = "val/map"
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
 # Extra model outputs scored at evaluation, and the name their metrics carry (Table 1's Head / Tail Model rows: the
 # models' predictions after the moving-vector shift, Eq. 9-10).
 EXTRA_OUTPUTS = {"z_h_hat": "head", "z_t_hat": "tail"}
-
-
-@dataclass
-class RunState:
-    """Progress that a checkpoint must carry for an exact resume: every epoch's metrics, the best-on-val epoch's
-    metrics and the per-class tables of the best and the last epoch."""
-
-    epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    best: dict[str, float] = field(default_factory=dict)
-    per_class: dict[str, Any] = field(default_factory=dict)
-
-    def record(self, metrics: dict[str, float], per_class: dict[str, Any]) -> dict[str, float]:
-        """Append the epoch; keep it as best when val/map improves (NaN never wins). Returns the epoch's metrics with
-        the best epoch's so far under `best/...` (what is reported every epoch)."""
-        metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: checkpoints load with weights_only
-        self.epoch = int(metrics["epoch"])
-        if self.improves(metrics.get(SELECTION_METRIC, math.nan)):
-            self.best = dict(metrics)
-            self.per_class["best"] = per_class
-        self.per_class["last"] = per_class
-        self.history.append(metrics | self.best_metrics())
-        return self.history[-1]
-
-    def improves(self, score: float) -> bool:
-        """Whether an epoch with this val/map becomes the best one: the first epoch, or a strictly higher score."""
-        return not self.best or (not math.isnan(score) and score > self.best.get(SELECTION_METRIC, -math.inf))
-
-    def best_metrics(self) -> dict[str, float]:
-        """The best-on-val epoch's `epoch`, its prediction's `val/map*` and all its `test/*` metrics (head / tail
-        models included: Table 1's rows) under `best/...`; the sub-models' val metrics stay in the curves."""
-        return {f"best/{k}": v for k, v in self.best.items()
-                if k == "epoch" or (k.startswith(("val/map", "test/")) and k != "val/map_chance")}
 
 
 @dataclass
@@ -169,18 +134,20 @@ def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criteri
     return metrics, corrections
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: torch.utils.data.DataLoader,
-            rt: Runtime) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Sigmoid scores of every model output ([N, C] each, keyed by output field) and the full targets [N, C]."""
+@torch.inference_mode()
+def predict(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime,
+            outputs: tuple[str, ...] = ("logits", *EXTRA_OUTPUTS)) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Sigmoid scores of the model's `outputs` that it has ([N, C] each, keyed by output field) and the full targets
+    [N, C]."""
     model.eval()
     scores: dict[str, list[torch.Tensor]] = {}
     targets = []
     for images, _, full in loader:
         with rt.autocast():
-            out = model(rt.inputs_to_device(images))
-        for name, value in out._asdict().items():
-            scores.setdefault(name, []).append(torch.sigmoid(value.float()).cpu())
+            out = model(rt.inputs_to_device(images))._asdict()
+        for name in outputs:
+            if name in out:
+                scores.setdefault(name, []).append(torch.sigmoid(out[name].float()).cpu())
         targets.append(full)
     return {k: torch.cat(v).numpy() for k, v in scores.items()}, torch.cat(targets).numpy()
 
@@ -208,41 +175,11 @@ def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             for i, g in enumerate(groups)}
 
 
-def _resume(workdir: Path | None, identity: str, objects: dict[str, Any], run: RunState) -> None:
-    """Load the checkpoint in `workdir`, if there is one, into `objects` and `run`."""
-    state = load_checkpoint(workdir / "checkpoint") if workdir is not None else None
-    if state is None:
-        return
-    if state.get("identity") != identity:
-        raise CheckpointError(f"{workdir} holds a checkpoint of a different run (another configuration or "
-                              "benchmark); use a new work directory or the same settings")
-    for name, obj in objects.items():
-        obj.load_state_dict(state[name])
-    run.epoch, run.history, run.best, run.per_class = (state["run"][k] for k in ("epoch", "history", "best",
-                                                                                  "per_class"))
-    set_rng_state(state["rng"])
-    log.info("resumed from %s after epoch %d", workdir, run.epoch)
-
-
 def finished_result(cfg: Config, workdir: str | Path) -> FitResult | None:
-    """The result of the run `cfg` that already finished in `workdir` (all its epochs checkpointed), else None."""
-    state = load_checkpoint(Path(workdir) / "checkpoint")
-    if state is None or state["run"]["epoch"] < cfg.train.epochs:
-        return None
-    bench = load_benchmark(ensure_benchmark(cfg.data))
-    if state.get("identity") != identity_hash(cfg, resumable=True, dataset=bench.digest):
-        return None
-    run = RunState(*(state["run"][k] for k in ("epoch", "history", "best", "per_class")))
-    return FitResult.of(run, Path(workdir), already_finished=True)
-
-
-def _save(workdir: Path | None, cfg: Config, identity: str, objects: dict[str, Any], run: RunState) -> None:
-    if workdir is None:
-        return
-    state = {name: obj.state_dict() for name, obj in objects.items()}
-    state |= {"identity": identity, "config": to_dict(cfg), "rng": rng_state(),
-              "run": {"epoch": run.epoch, "history": run.history, "best": run.best, "per_class": run.per_class}}
-    save_checkpoint(workdir / "checkpoint", state)
+    """The result of the run `cfg` that already finished in `workdir` (all its epochs on disk), else None; reads the
+    run's progress only (not its weights, not the benchmark)."""
+    run = RunCheckpoint(cfg, workdir, benchmark_digest(cfg.data)).finished(cfg.train.epochs)
+    return FitResult.of(run, Path(workdir), already_finished=True) if run is not None else None
 
 
 def _per_class(bench: Benchmark, val_ap: np.ndarray, test_ap: np.ndarray | None,
@@ -265,12 +202,10 @@ class _Setup:
     method: Method
     objects: dict[str, Any]  # model, criterion, optimizer, scheduler: what a checkpoint saves
     step: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    identity: str  # what a checkpoint must match to be resumed
 
 
 def _setup(cfg: Config) -> _Setup:
-    """Device, benchmark, loaders (of images, or profile frozen: of cached trunk features), method, optimizer; the
-    run identity a checkpoint must match."""
+    """Device, benchmark, loaders (of images, or profile frozen: of cached trunk features), method, optimizer."""
     frozen = cfg.model.profile == "frozen"
     rt = setup_runtime(cfg.engine, cfg.seed, workers=0 if frozen else cfg.data.num_workers)
     bench = load_benchmark(ensure_benchmark(cfg.data))
@@ -288,12 +223,11 @@ def _setup(cfg: Config) -> _Setup:
     optimizer, scheduler = build_optimizer(model, cfg)
     objects = {"model": model, "criterion": criterion, "optimizer": optimizer, "scheduler": scheduler}
     step = make_train_step(model, criterion, optimizer, cfg, rt)
-    return _Setup(rt, bench, loaders, method, objects, step, identity_hash(cfg, resumable=True, dataset=bench.digest))
+    return _Setup(rt, bench, loaders, method, objects, step)
 
 
-def _epoch(cfg: Config, s: _Setup, epoch: int, run: RunState) -> tuple[dict[str, float], dict[str, Any]]:
-    """Train one epoch and evaluate on val, and on test when val/map improves (or `train.test_every_epoch`): the
-    reported best-on-val test metrics are the same, without a test pass at every epoch. Returns the epoch's flat
+def _epoch(cfg: Config, s: _Setup, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train one epoch and evaluate on val (and on test with `train.test_every_epoch`). Returns the epoch's flat
     metrics and its per-class table."""
     model, criterion, optimizer = s.objects["model"], s.objects["criterion"], s.objects["optimizer"]
     train_loader = _train_loader(s.loaders, s.method.hooks.sampler(epoch), cfg.seed, epoch)
@@ -304,7 +238,7 @@ def _epoch(cfg: Config, s: _Setup, epoch: int, run: RunState) -> tuple[dict[str,
                                                  s.bench.num_classes)
     val, val_ap = evaluate(model, s.loaders["val"], s.rt, s.bench.train_counts, "val")
     test, test_ap = {}, None
-    if cfg.train.test_every_epoch or run.improves(val[SELECTION_METRIC]):
+    if cfg.train.test_every_epoch:
         test, test_ap = evaluate(model, s.loaders["test"], s.rt, s.bench.train_counts, "test")
     metrics |= train_metrics | val | test
     if s.bench.has_full_labels and criterion.corrects_labels:
@@ -313,21 +247,38 @@ def _epoch(cfg: Config, s: _Setup, epoch: int, run: RunState) -> tuple[dict[str,
     return metrics, _per_class(s.bench, val_ap, test_ap, corrections)
 
 
-def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None = None) -> FitResult:
-    """Train `cfg.method` on `cfg.data`; checkpoint each epoch into `workdir` and resume from it when present.
+def _test_best(s: _Setup, checkpoint: RunCheckpoint, run: RunState) -> None:
+    """The best-on-val epoch's test metrics, measured on its weights once per best epoch: the same numbers as a test
+    pass at that epoch, without one at every epoch that improves val/map (test is never used to select)."""
+    if run.best_tested:
+        return
+    with checkpoint.best_weights_in(s.objects["model"], run):
+        test, test_ap = evaluate(s.objects["model"], s.loaders["test"], s.rt, s.bench.train_counts, "test")
+    run.record_best_test(test, test_ap.tolist())
 
-    `report(metrics, run)` is called once per epoch, after the checkpoint is written, with flat keys (`epoch`,
-    `val/map`, `train/loss_mfm_b`, `perf/img_per_s`, ..., and the best-on-val epoch's `best/...`) and the run so far.
+
+def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None = None,
+        policy: CheckpointPolicy | None = None) -> FitResult:
+    """Train `cfg.method` on `cfg.data`; checkpoint into `workdir` as `policy` says (default: `train.*`) and resume
+    from it when present.
+
+    `report(metrics, run)` is called once per epoch, after the epoch was kept (`run.saved`: on disk), with flat keys
+    (`epoch`, `val/map`, `train/loss_mfm_b`, `perf/img_per_s`, ..., and the best-on-val epoch's `best/...`; its
+    `best/test/...` from the first checkpoint (or the last epoch) after it became the best).
     """
     workdir = Path(workdir) if workdir is not None else None
     setup = _setup(cfg)
-    run = RunState()
-    _resume(workdir, setup.identity, setup.objects, run)
-    for epoch in range(run.epoch + 1, cfg.train.epochs + 1):
-        metrics = run.record(*_epoch(cfg, setup, epoch, run))
-        _save(workdir, cfg, setup.identity, setup.objects, run)
-        if report is not None:
-            report(metrics, run)
+    checkpoint = RunCheckpoint(cfg, workdir, setup.bench.digest, policy)
+    run = checkpoint.restore(setup.objects)
+    with checkpoint.guard():
+        for epoch in range(run.epoch + 1, cfg.train.epochs + 1):
+            run.record(*_epoch(cfg, setup, epoch))
+            save = checkpoint.due(epoch, last=epoch == cfg.train.epochs)
+            if save:  # a checkpoint carries its best epoch's test metrics
+                _test_best(setup, checkpoint, run)
+            checkpoint.end_epoch(setup.objects, run, save)
+            if report is not None:
+                report(run.history[-1], run)
     return FitResult.of(run, workdir)
 
 

@@ -73,6 +73,26 @@ class CrashAfter:
             raise RuntimeError(f"crash after epoch {self.epoch}")
 
 
+def _evaluate_best(cfg, workdir) -> dict[str, float]:
+    """Test metrics of the weights in `workdir`'s best.pt, on a model built afresh from `cfg` (its frozen parameters
+    as the config re-creates them)."""
+    from comic.checkpoint import frozen_names, load_best, load_trainable_state
+    from comic.engine import _setup, evaluate
+
+    best = load_best(workdir)
+    setup = _setup(cfg)
+    model, frozen = setup.objects["model"], frozenset(best["frozen"])
+    assert frozen_names(model, setup.objects["optimizer"]) == frozen
+    load_trainable_state(model, best["model"], frozen, "best.pt")
+    return evaluate(model, setup.loaders["test"], setup.rt, setup.bench.train_counts, "test")[0]
+
+
+@pytest.fixture
+def evaluate_best():
+    """`evaluate_best(cfg, workdir)`: a run's best-on-val weights, evaluated on its test set from a fresh model."""
+    return _evaluate_best
+
+
 @pytest.fixture
 def crash_after():
     """Factory of `CrashAfter` reports."""

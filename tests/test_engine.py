@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from comic.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from comic.checkpoint import CheckpointPolicy, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from comic.config import apply_overrides, load_config
 from comic.engine import build_optimizer, fit
 from comic.meters import LossMeter
@@ -31,19 +31,28 @@ def test_every_method_trains_with_finite_metrics(method, profile, smoke_override
     assert len(result.per_class["best"]["test_ap"]) == len(result.per_class["best"]["class"])
 
 
-def test_the_test_set_is_evaluated_when_val_improves(smoke_overrides):
+def test_the_test_set_is_evaluated_on_the_best_weights_once_per_checkpoint(smoke_overrides, tmp_path):
+    """Test metrics come from the best-on-val epoch's weights, measured when a checkpoint is written (here at epoch 3
+    and the last): the same numbers a test pass at every epoch gives for that epoch."""
+    cfg = _cfg(smoke_overrides, **{"train.epochs": 6, "model.profile": "frozen", "train.checkpoint_every_s": 1e9})
     seen = []
-    cfg = _cfg(smoke_overrides, **{"train.epochs": 4, "model.profile": "frozen"})
-    result = fit(cfg, report=lambda metrics, run: seen.append(metrics))
-    best = -math.inf
-    for metrics in seen:
-        improved = metrics["val/map"] > best
-        best = max(best, metrics["val/map"])
-        assert ("test/map" in metrics) == improved, metrics["epoch"]
-        assert metrics["best/test/map"] == next(m["test/map"] for m in seen if m["epoch"] == metrics["best/epoch"])
+    result = fit(cfg, report=lambda metrics, run: seen.append((dict(metrics), run.saved)), workdir=tmp_path,
+                 policy=CheckpointPolicy(every_s=math.inf, epochs=frozenset({3})))
     every = fit(apply_overrides(cfg, {"train.test_every_epoch": True}))
-    assert all("test/map" in m for m in every.history)
-    assert every.metrics["best/test/map"] == result.metrics["best/test/map"]  # same selection, same numbers
+    test_at = {int(m["epoch"]): m["test/map"] for m in every.history}
+    saved_epochs = [int(m["epoch"]) for m, saved in seen if saved]
+    assert saved_epochs == [3, 6]
+    for metrics, _ in seen:
+        epoch, best_epoch = int(metrics["epoch"]), int(metrics["best/epoch"])
+        assert "test/map" not in metrics  # no test pass at the epochs themselves
+        tested = any(best_epoch <= e <= epoch for e in saved_epochs)  # a checkpoint since the best epoch
+        assert ("best/test/map" in metrics) == tested, epoch
+        if tested:
+            assert metrics["best/test/map"] == test_at[best_epoch]
+    at_three = seen[2][0]
+    assert at_three["best/epoch"] < 3  # the best weights were swapped in to be tested, then swapped out again
+    assert result.metrics["best/epoch"] == every.metrics["best/epoch"]
+    assert [m["val/map"] for m, _ in seen] == [m["val/map"] for m in every.history]  # training unaffected
 
 
 def test_comic_reports_head_tail_and_correction_metrics(smoke_overrides):
@@ -61,7 +70,8 @@ def test_the_metric_list_is_grouped_and_holds_what_is_read(smoke_overrides):
     """Every key under one of the sections MLflow draws; `best/` holds what tables and sweeps read (the prediction's
     val mAPs for selection, every test metric with Table 1's head / tail models), not the sub-models' val curves."""
     keys = set(fit(_cfg(smoke_overrides, **{"train.epochs": 1})).metrics)
-    assert {k.split("/")[0] for k in keys} == {"epoch", "best", "val", "test", "train", "rlc", "perf"}
+    # test/* only as best/test/* (measured on the best weights), or every epoch with train.test_every_epoch
+    assert {k.split("/")[0] for k in keys} == {"epoch", "best", "val", "train", "rlc", "perf"}
     assert not [k for k in keys if " " in k]
     best = {k for k in keys if k.startswith("best/")}
     assert {"best/epoch", "best/val/map", "best/val/map_few", "best/test/map", "best/test/head/map",

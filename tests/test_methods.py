@@ -71,9 +71,10 @@ def test_class_aware_loader_is_used_when_the_hooks_ask(smoke_overrides):
 
 def test_lws_trains_the_network_then_only_the_scales(smoke_overrides, tmp_path):
     cfg = load_config("synthetic", smoke_overrides | {"method": "lws", "train.epochs": 3,
-                                                      "loss.baseline": {"stage2_epochs": 1}})
+                                                      "loss.baseline": {"stage2_epochs": 1},
+                                                      "train.checkpoint_every_s": 0})
     snapshots = []  # the model state saved at each epoch end (the checkpoint is written before `report`)
-    fit(cfg, report=lambda m, run: snapshots.append(load_checkpoint(tmp_path / "checkpoint")["model"]),
+    fit(cfg, report=lambda m, run: snapshots.append(load_checkpoint(tmp_path / "checkpoint")["objects"]["model"]),
         workdir=tmp_path)
     after_stage1, after_stage2 = snapshots[1], snapshots[2]
     assert torch.equal(snapshots[0]["scale"], torch.ones_like(after_stage1["scale"]))  # stage 1: f stays 1

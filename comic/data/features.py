@@ -43,6 +43,7 @@ FEATURES_VERSION = 1
 META = "meta.json"
 SPLITS = ("train", "val", "test")
 EXTRACT_BATCH = 64
+EVAL_BATCH = 1024
 _VIEW_STRIDE = 1_000_000_007  # item seed of view v of image i: v * stride + i (distinct for < 1e9 images)
 
 
@@ -221,14 +222,15 @@ class _ViewSampler(Sampler):
 
 
 class FeatureDataset(Dataset):
-    """Items `(trunk features float32 [D], observed float32 [C], full float32 [C])` of one split of a cache.
+    """Items `(trunk features float32 [D], observed float32 [C], full float32 [C])` of one split of a cache, read a
+    batch at a time (`__getitems__`: one index into the cache instead of B items and a collate).
 
     Training items are addressed by `(index, seed)` pairs from `SeededSampler`: the seed picks the view (seed % K),
     so the views an epoch draws are fixed by (loader seed, epoch), as the image path's augmentations are.
     """
 
     def __init__(self, features: np.ndarray, split: Split, rows: list[int], train: bool) -> None:
-        self.features, self.rows, self.train = features, rows, train
+        self.features, self.rows, self.train = features, np.asarray(rows, dtype=np.int64), train
         self.observed = torch.from_numpy(split.observed.astype(np.float32))
         self.full = torch.from_numpy(split.full.astype(np.float32))
 
@@ -236,21 +238,34 @@ class FeatureDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, 0)
-        vector = self.features[seed % self.features.shape[0], index] if self.train else self.features[index]
-        row = self.rows[index]
-        return torch.from_numpy(np.asarray(vector, dtype=np.float32)), self.observed[row], self.full[row]
+        features, observed, full = self.__getitems__([key])
+        return features[0], observed[0], full[0]
+
+    def __getitems__(self, keys: list[int | tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch: features [B, D], observed [B, C], full [B, C]."""
+        pairs = np.array([key if isinstance(key, tuple) else (key, 0) for key in keys], dtype=np.int64)
+        index = pairs[:, 0]
+        vectors = self.features[pairs[:, 1] % self.features.shape[0], index] if self.train else self.features[index]
+        rows = torch.from_numpy(self.rows[index])
+        return torch.from_numpy(np.asarray(vectors, dtype=np.float32)), self.observed[rows], self.full[rows]
+
+
+def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The DataLoader's collate for datasets that return whole batches (`__getitems__`)."""
+    return batch
 
 
 def build_feature_loaders(bench: Benchmark, cache: FeatureCache, batch_size: int, seed: int) -> dict[str, DataLoader]:
     """DataLoaders 'train' (shuffled, one view per image per epoch, last partial batch dropped), 'val' and 'test' of
-    batches `(features [B, D], observed [B, C], full [B, C])`, like `comic.data.images.build_loaders`."""
+    batches `(features [B, D], observed [B, C], full [B, C])`, like `comic.data.images.build_loaders`; evaluation
+    batches of EVAL_BATCH (a forward pass only: large GEMMs run near the machine's rate)."""
     datasets = {name: FeatureDataset(cache.arrays[name], bench.split(name), cache.rows(name), name == "train")
                 for name in SPLITS}
     generator = torch.Generator().manual_seed(seed)
     train = datasets["train"]
     loaders = {"train": DataLoader(train, batch_size=batch_size, sampler=SeededSampler(len(train), generator),
-                                   drop_last=True, generator=generator, num_workers=0)}
-    for name in ("val", "test"):
-        loaders[name] = DataLoader(datasets[name], batch_size=batch_size, shuffle=False, num_workers=0)
+                                   drop_last=True, generator=generator, num_workers=0, collate_fn=whole_batch)}
+    for name in ("val", "test"):  # own generators: an evaluation pass never draws from the global RNG training uses
+        loaders[name] = DataLoader(datasets[name], batch_size=max(batch_size, EVAL_BATCH), shuffle=False,
+                                   num_workers=0, collate_fn=whole_batch, generator=torch.Generator())
     return loaders

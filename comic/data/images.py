@@ -356,8 +356,9 @@ def build_loaders(bench: Benchmark, data: DataConfig, batch_size: int, seed: int
     loaders = {"train": DataLoader(train, batch_size=batch_size, sampler=SeededSampler(len(train), generator),
                                    drop_last=True, generator=generator, persistent_workers=data.num_workers > 0,
                                    **common)}
-    for name in ("val", "test"):
-        loaders[name] = DataLoader(datasets[name], batch_size=batch_size, shuffle=False, drop_last=False, **common)
+    for name in ("val", "test"):  # own generators: an evaluation pass never draws from the global RNG training uses
+        loaders[name] = DataLoader(datasets[name], batch_size=batch_size, shuffle=False, drop_last=False,
+                                   generator=torch.Generator(), **common)
     if len(train) < batch_size:
         log.warning("train split has %d images, fewer than one batch of %d: the train loader is empty",
                     len(train), batch_size)
@@ -375,4 +376,4 @@ def class_aware_loader(train: DataLoader, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=train.batch_size, sampler=ClassAwareSampler(labels, generator=generator),
                       drop_last=True, generator=generator, num_workers=train.num_workers, pin_memory=train.pin_memory,
-                      persistent_workers=train.num_workers > 0)
+                      persistent_workers=train.num_workers > 0, collate_fn=train.collate_fn)

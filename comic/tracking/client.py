@@ -31,12 +31,11 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
@@ -47,7 +46,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from comic.tracking.guard import GUARD as _GUARD
+from comic._io import GUARD as _GUARD
+from comic._io import SigtermHandler
 from comic.tracking.store import client, ensure_experiment, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ class RunTracker:
         self._last_steps: dict[str, int] = {}
         self._unchecked_keys: set[str] = set()  # keys present at reattach: last step fetched on first use
         self._nonfinite_warned: set[str] = set()
-        self._previous_sigterm: Any = None
-        self._sigterm_installed = False
+        self._sigterm: SigtermHandler | None = None
 
     # ---------------------------------------------------------------- properties
 
@@ -284,41 +283,15 @@ class RunTracker:
     # ---------------------------------------------------------------- SIGTERM
 
     def _install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # Python delivers signals to the main thread only; a Ray trial thread cannot install one
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous is signal.SIG_IGN:
-            return  # a process that ignores SIGTERM keeps running, so the run is not over
-        self._previous_sigterm = previous
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._sigterm_installed = True
+        self._sigterm = SigtermHandler(self._killed_by)
+        self._sigterm.install()
 
     def _uninstall_sigterm(self) -> None:
-        if not self._sigterm_installed or threading.current_thread() is not threading.main_thread():
-            return  # if not restored, our handler stays but only chains once the run has ended
-        self._sigterm_installed = False
-        # Restore only if ours is still on top; otherwise a later handler chains to ours, which passes it on.
-        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if self._sigterm is not None:
+            self._sigterm.uninstall()
 
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if _GUARD.depth:
-            _GUARD.deferred.append(lambda: self._handle_sigterm(signum, None))
-        else:
-            self._handle_sigterm(signum, frame)
-
-    def _handle_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        try:
-            self._finish("KILLED", f"terminated by {signal.Signals(signum).name}", None)
-        except Exception:
-            logger.exception("could not mark MLflow run %s KILLED", self._run_id)
-        previous = self._previous_sigterm
-        if callable(previous):
-            previous(signum, frame)
-            return
-        # SIG_DFL (or a handler installed from C): let the default action end the process, as it would without us.
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+    def _killed_by(self, signum: int) -> None:
+        self._finish("KILLED", f"terminated by {signal.Signals(signum).name}", None)
 
     # ---------------------------------------------------------------- logging
 
@@ -379,23 +352,28 @@ class RunTracker:
 
         Returns the number of points written.
         """
+        return self.log_steps([(step, metrics)])
+
+    def log_steps(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+        """Log several steps' metrics (`(step, metrics)` in increasing step order) in one batch; points at or below a
+        key's last step are dropped. Returns the number of points written."""
         mlflow_client = self._require_started()
-        step = int(step)
         timestamp = _now_ms()
-        points = []
-        for key, value in metrics.items():
-            last = self.last_step(key)
-            if last is not None and step <= last:
-                continue
-            points.append(Metric(key, self._as_float(key, value), timestamp, step))
+        points, offered, steps = [], 0, {}
+        for step, metrics in rows:
+            offered += len(metrics)
+            for key, value in metrics.items():
+                last = steps.get(key, self.last_step(key))
+                if last is not None and int(step) <= last:
+                    continue
+                points.append(Metric(key, self._as_float(key, value), timestamp, int(step)))
+                steps[key] = int(step)
         if points:
             with _GUARD.call():
                 mlflow_client.log_batch(self.run_id, metrics=points, synchronous=True)
-            self._last_steps.update((point.key, step) for point in points)
-        if len(points) < len(metrics):
-            logger.debug(
-                "run %s step %d: %d points already logged, skipped", self._run_id, step, len(metrics) - len(points)
-            )
+            self._last_steps.update(steps)
+        if len(points) < offered:
+            logger.debug("run %s: %d points already logged, skipped", self._run_id, offered - len(points))
         return len(points)
 
     def _log_tags(self, tags: Mapping[str, Any]) -> None:

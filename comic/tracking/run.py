@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 from mlflow.entities import Run
 
-from comic.checkpoint import CheckpointError, load_checkpoint
-from comic.config import Config, identity, identity_hash, to_dict, to_flat_dict
+from comic.checkpoint import CheckpointPolicy, RunCheckpoint, RunState
+from comic.config import Config, identity, to_dict, to_flat_dict
 from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
-from comic.engine import FitResult, Report, RunState, finished_result, fit
+from comic.engine import FitResult, Report, finished_result, fit
 from comic.report import plots
 from comic.tracking.client import RunTracker
 from comic.tracking.provenance import run_tags
@@ -30,20 +31,25 @@ from comic.tracking.store import find_run
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
+LOG_EVERY_S = 10.0  # at most this long between an epoch's end and its metrics in MLflow
 
 
 def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str | Path,
                 run_name: str | None = None, parent_run_id: str | None = None, report: Report | None = None,
-                tags: dict[str, str] | None = None, detach_on_exit: bool = False) -> tuple[FitResult, str]:
+                tags: dict[str, str] | None = None, detach_on_exit: bool = False,
+                policy: CheckpointPolicy | None = None) -> tuple[FitResult, str]:
     """Run `fit(cfg)` in an MLflow run (ends FINISHED / FAILED / KILLED, never RUNNING); return it and the run id.
 
     The artifacts (tables, plots) are logged at the last epoch before `report` sees it, so a trial that its
-    scheduler stops there keeps them. `detach_on_exit`: see `RunTracker` (Ray Tune trials).
+    scheduler stops there keeps them. `detach_on_exit`: see `RunTracker` (Ray Tune trials). `policy`: when to
+    checkpoint (default: `train.checkpoint_every_s`).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     card = json.loads((ensure_benchmark(cfg.data) / CARD_JSON).read_text())
-    _refuse_foreign_checkpoint(cfg, workdir, card)
+    # Another run's checkpoint is refused before its MLflow run is reattached: reattaching would log clashing params
+    # onto that run and end it FAILED.
+    RunCheckpoint(cfg, workdir, content_digest(card)).check()
     run = _earlier_run(workdir, tracking_uri)
     done = finished_result(cfg, workdir) if run is not None and run.info.status == "FINISHED" else None
     if done is not None:
@@ -56,31 +62,49 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
         (workdir / RUN_ID_FILE).write_text(tracker.run_id)
         _log_inputs(tracker, cfg, card)
         artifacts_logged = []
+        curves = _Curves(tracker)
 
         def on_epoch(metrics: dict[str, float], run: RunState) -> None:
-            tracker.log_metrics(_finite(metrics), step=int(metrics["epoch"]))
+            curves.add(metrics, saved=run.saved)
             if int(metrics["epoch"]) == cfg.train.epochs:
+                curves.flush()
                 log_artifacts(tracker, FitResult.of(run, workdir))
                 artifacts_logged.append(True)
             if report is not None:
                 report(metrics, run)
 
-        result = fit(cfg, on_epoch, workdir=workdir)
-        for metrics in result.history:  # an epoch checkpointed but not yet logged before a crash; duplicates drop
-            tracker.log_metrics(_finite(metrics), step=int(metrics["epoch"]))
+        try:
+            result = fit(cfg, on_epoch, workdir=workdir, policy=policy)
+        finally:
+            curves.flush()
+        curves.add_all(result.history)  # epochs an earlier, interrupted process saved but never logged; duplicates drop
         if not artifacts_logged:  # the last epoch ran in an earlier, interrupted process
             log_artifacts(tracker, result)
     return result, tracker.run_id
 
 
-def _refuse_foreign_checkpoint(cfg: Config, workdir: Path, card: dict) -> None:
-    """Raise CheckpointError when `workdir` holds another run's checkpoint, before its MLflow run is reattached:
-    reattaching would log clashing params onto that run and end it FAILED. The identity is the engine's own
-    (`identity_hash`, resumable, with the benchmark's content digest)."""
-    state = load_checkpoint(workdir / "checkpoint")
-    if state is not None and state.get("identity") != identity_hash(cfg, resumable=True, dataset=content_digest(card)):
-        raise CheckpointError(f"{workdir} holds a checkpoint of a different run (another configuration or "
-                              "benchmark); use a new work directory or the same settings")
+class _Curves:
+    """Per-epoch metrics to MLflow in batches, one store call each: when the epoch is on disk (the record never lags
+    a checkpoint), at least every LOG_EVERY_S seconds (the UI stays live), and when the run ends (also by an error or
+    an interrupt). NaN marks an empty shot group or an epoch without corrections: left out rather than plotted."""
+
+    def __init__(self, tracker: RunTracker) -> None:
+        self.tracker, self.rows, self.flushed = tracker, [], time.monotonic()
+
+    def add(self, metrics: dict[str, float], saved: bool = False) -> None:
+        self.rows.append((int(metrics["epoch"]), {k: v for k, v in metrics.items() if math.isfinite(v)}))
+        if saved or time.monotonic() - self.flushed >= LOG_EVERY_S:
+            self.flush()
+
+    def add_all(self, history: list[dict[str, float]]) -> None:
+        for metrics in history:
+            self.add(metrics)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.tracker.log_steps(self.rows)
+        self.rows, self.flushed = [], time.monotonic()
 
 
 def _earlier_run(workdir: Path, tracking_uri: str) -> Run | None:
@@ -115,11 +139,6 @@ def _log_inputs(tracker: RunTracker, cfg: Config, card: dict) -> None:
     tracker.set_tags(mutable)
     tracker.log_dict(to_dict(cfg), "config.yaml")
     tracker.log_dict(card, "dataset/card.json")
-
-
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    """NaN marks an empty shot group or an epoch without corrections: left out of MLflow rather than plotted."""
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def _tags(cfg: Config, card: dict, extra: dict[str, str] | None) -> dict[str, str]:

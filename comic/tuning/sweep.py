@@ -289,19 +289,28 @@ def _open_storage(spec: SweepSpec) -> optuna.storages.RDBStorage | None:
     return optuna.storages.RDBStorage(url)
 
 
+def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> tuple[int, ...]:
+    """The epochs at which ASHA (one bracket) may stop a trial: grace_period * rf^k below max_t, as Ray's bracket
+    lays them out. A checkpoint there keeps a stopped trial's best weights."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return tuple(int(grace_period * reduction_factor ** k) for k in range(count))
+
+
 def _search(spec: SweepSpec, parent_run_id: str, resume: bool, restart_errored: bool,
             callbacks: Sequence[Any]) -> tune.ResultGrid:
-    job = TrialJob(spec.tracking_uri, spec.experiment, parent_run_id, "search", base=to_dict(spec.base))
+    epochs = spec.base.train.epochs
+    grace = min(spec.grace_period, epochs)
+    job = TrialJob(spec.tracking_uri, spec.experiment, parent_run_id, "search", base=to_dict(spec.base),
+                   checkpoint_epochs=asha_rungs(epochs, grace, spec.reduction_factor))
     trainable = trial_trainable(job, spec.resources)
     point = default_point(spec.space, spec.base)
-    epochs = spec.base.train.epochs
     all_callbacks = [RunStates(job), Progress(job, METRIC, tuple(spec.space)), *callbacks]
 
     def make_tuner() -> tune.Tuner:
         searcher = RestartableOptunaSearch(points_to_evaluate=[point] if point else None, seed=spec.seed, max_t=epochs,
                                            study_name=spec.name, storage=_open_storage(spec))
         # The epoch is ASHA's clock; a trial that reaches its last epoch is never stopped there (stop_last_trials).
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(spec.grace_period, epochs),
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace,
                                   reduction_factor=spec.reduction_factor, stop_last_trials=False)
         config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                  num_samples=spec.num_samples, trial_name_creator=SweepTrialName(),

@@ -1,7 +1,8 @@
 """The trial: one `tracked_fit` run inside Ray Tune, its work directory travelling as the trial's Tune checkpoint.
 
-Every epoch the work dir (the engine's checkpoint and the MLflow run id) is reported with the epoch's metrics, best
-epoch so far included, as a `tune.Checkpoint`; a trial restored by Tune (a crash under `max_failures`, or
+Every epoch's metrics, best epoch so far included, are reported; the work dir (the engine's checkpoint and the MLflow
+run id) goes with them as a `tune.Checkpoint` when the epoch was written (`train.checkpoint_every_s`, the last epoch,
+and the epochs where ASHA may stop the trial); a trial restored by Tune (a crash under `max_failures`, or
 `Tuner.restore`) copies it back, so `fit` resumes exactly and the same MLflow run continues. When Tune stops a trial
 (ASHA, or the sweep interrupted) the run is detached, not closed: the driver knows why it stopped and settles it
 (`comic.tuning.callbacks.RunStates`).
@@ -24,9 +25,8 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from comic._io import make_temp_dir, remove_stale_temps
-from comic.checkpoint import CheckpointError
+from comic.checkpoint import CheckpointError, CheckpointPolicy, RunState
 from comic.config import Config, apply_overrides, from_dict
-from comic.engine import RunState
 from comic.tracking import store
 from comic.tracking.client import ERROR_TAG
 from comic.tracking.run import RUN_ID_FILE, tracked_fit
@@ -59,6 +59,7 @@ class TrialJob:
     cells: tuple[dict[str, Any], ...] = ()
     names: tuple[str, ...] = ()
     tags: tuple[dict[str, str], ...] = ()
+    checkpoint_epochs: tuple[int, ...] = ()  # besides the time-based ones: where the scheduler may stop a trial
 
     def resolve(self, params: dict[str, Any]) -> tuple[Config, str | None, dict[str, str]]:
         """(config, MLflow run name or None for the default, extra tags) of the trial with these params."""
@@ -105,7 +106,8 @@ def comic_trial(config: dict[str, Any], job: TrialJob) -> None:
         tags = _placement_tags(context, job.phase) | tags  # the caller's tags (e.g. sweep.phase=confirm) win
         tracked_fit(cfg, tracking_uri=job.tracking_uri, experiment=job.experiment, workdir=workdir,
                     run_name=run_name or context.get_trial_name(), parent_run_id=job.parent_run_id,
-                    report=_Reporter(workdir), tags=tags, detach_on_exit=True)
+                    report=_Reporter(workdir), tags=tags, detach_on_exit=True,
+                    policy=CheckpointPolicy.of(cfg, job.checkpoint_epochs))
     except CheckpointError as err:
         origin = tune.get_checkpoint()
         if origin is None:
@@ -129,13 +131,15 @@ def _retag_error(workdir: Path, tracking_uri: str, text: str) -> None:
 
 @dataclass(frozen=True)
 class _Reporter:
-    """fit's per-epoch report -> `tune.report` with the work dir as checkpoint (Tune may stop the trial in there)."""
+    """fit's per-epoch report -> `tune.report` (ASHA reads every epoch), with the work dir as the trial's checkpoint
+    when the epoch was written to it (Tune may stop the trial in there)."""
 
     workdir: Path
 
     def __call__(self, metrics: dict[str, float], run: RunState) -> None:
         run_id = (self.workdir / RUN_ID_FILE).read_text().strip()
-        tune.report(dict(metrics) | {RUN_ID_KEY: run_id}, checkpoint=tune.Checkpoint.from_directory(str(self.workdir)))
+        checkpoint = tune.Checkpoint.from_directory(str(self.workdir)) if run.saved else None
+        tune.report(dict(metrics) | {RUN_ID_KEY: run_id}, checkpoint=checkpoint)
 
 
 def _restore_workdir(workdir: Path) -> None:

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from comic.checkpoint import load_best
 from comic.config import ConfigError, apply_overrides, load_config
 from comic.report.stats import aggregate
 from comic.studies import cli, runner
@@ -144,6 +145,9 @@ def test_interrupted_grid_reruns_only_missing_cells(smoke_overrides, tmp_path, m
     table = [aggregate(rows, columns, study.references(), ["COMIC", "-RLC"]) for rows in (resumed, clean)]
     pd.testing.assert_frame_equal(table[0], table[1])
     assert resumed["best/test/map"].tolist() == clean["best/test/map"].tolist()
+    for key, epoch, test_map in zip(clean["key"], clean["best/epoch"], clean["best/test/map"], strict=True):
+        best = load_best(tmp_path / "clean" / "cells" / key)  # every cell keeps its best-on-val weights
+        assert best["epoch"] == epoch and best["metrics"]["best/test/map"] == test_map
     curves = second.curves().sort_values(["key", "metric", "epoch"]).reset_index(drop=True)
     assert len(curves) and curves.equals(clean_run.curves().sort_values(["key", "metric", "epoch"])
                                          .reset_index(drop=True))

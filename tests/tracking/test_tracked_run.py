@@ -24,7 +24,8 @@ TRAIN = str(Path(__file__).resolve().parents[2] / "experiments" / "train.py")
 
 def test_crash_then_resume_continues_the_same_mlflow_run(smoke_overrides, tmp_path, crash_after):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = load_config("synthetic", smoke_overrides | {"train.epochs": 3})
+    # A checkpoint every epoch, so every epoch's best/test/... is measured (on the best weights, as at each write).
+    cfg = load_config("synthetic", smoke_overrides | {"train.epochs": 3, "train.checkpoint_every_s": 0})
     with pytest.raises(RuntimeError, match="crash after epoch 2"):
         tracked_fit(cfg, tracking_uri=uri, experiment="resume", workdir=tmp_path / "run", report=crash_after(2))
     client = mlflow.tracking.MlflowClient(uri)
@@ -41,7 +42,8 @@ def test_crash_then_resume_continues_the_same_mlflow_run(smoke_overrides, tmp_pa
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "tables")}
     assert {"config.yaml", "map_curves.png", "tables/per_class_ap.parquet", "tables/per_class_ap.csv"} <= artifacts
-    longer = load_config("synthetic", smoke_overrides | {"train.epochs": 4, "engine.threads": 1})
+    longer = load_config("synthetic", smoke_overrides | {"train.epochs": 4, "engine.threads": 1,
+                                                         "train.checkpoint_every_s": 0})
     _, again = tracked_fit(longer, tracking_uri=uri, experiment="resume", workdir=tmp_path / "run")
     assert again == run_id  # engine knobs and a longer schedule may change on resume (they are tags, not params)
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/map")) == [1, 2, 3, 4]

@@ -67,7 +67,9 @@ def test_interrupted_last_wave_damaged_checkpoint_and_restart(ray_local, smoke_o
     truncated -> `resume` errors it, naming the file, and never chooses it as best; `--restart-errored` runs it from
     scratch, and the parent's summary metrics end final."""
     # grace period = epochs: ASHA never stops a trial here, so the cut-off one is only ever interrupted
-    spec = spec_for(tmp_path, smoke_overrides, num_samples=2, grace_period=2, overrides={"train.epochs": 2})
+    # a checkpoint every epoch: the one of epoch 1 is what the interrupt waits for
+    spec = spec_for(tmp_path, smoke_overrides, num_samples=2, grace_period=2,
+                    overrides={"train.epochs": 2, "train.checkpoint_every_s": 0})
     with pytest.raises(TuneInterrupted):
         run_sweep(spec, callbacks=[InterruptAfterCheckpoint(1, tmp_path / "fired")])
     (parent,), children = runs_of(spec.tracking_uri, "sweeps")

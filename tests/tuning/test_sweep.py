@@ -16,15 +16,17 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 from sweep_helpers import InterruptMidTrial, runs_of, spec_for, steps_of
 
-from comic.config import ConfigError, load_config
+from comic.checkpoint import load_best
+from comic.config import ConfigError, apply_overrides, load_config
 from comic.tracking.client import RunTracker
 from comic.tuning.cluster import Resources, TuneError, TuneInterrupted, absolute_storage, is_remote_path
 from comic.tuning.results import format_confirm, format_trials, markdown_table, ranked, summarize_confirm
 from comic.tuning.runner import fit_metrics, run_configs
 from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, load_space, parse_space, with_learning_rate
-from comic.tuning.sweep import load_sweep, run_sweep
+from comic.tuning.sweep import asha_rungs, load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = str(REPO / "experiments" / "sweep.py")
@@ -94,6 +96,14 @@ def test_tables_and_confirmation_summary():
     assert "31.00 ± 1.41" in text and "| 2 | 0.9 | 1 | 29.00 |" in text
 
 
+@pytest.mark.parametrize(("max_t", "grace", "rf"),
+                         [(40, 2, 2), (40, 1, 3), (3, 1, 2), (8, 2, 2), (5, 5, 2), (30, 4, 4)])
+def test_checkpoint_epochs_are_ashas_rungs(max_t, grace, rf):
+    """The epochs a sweep trial checkpoints at besides its time policy are where Ray's ASHA bracket may stop it."""
+    (bracket,) = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace, reduction_factor=rf)._brackets
+    assert sorted(asha_rungs(max_t, grace, rf)) == sorted(milestone for milestone, _ in bracket._rungs)
+
+
 def test_fit_metrics_drops_tune_bookkeeping():
     result = {"epoch": 3, "val/map": 30.5, "best/test/map": 20.0, "training_iteration": 4, "time_total_s": 9.0,
               "mlflow_run_id": "abc", "epochs_planned": 3.0, "done": True, "config": {"cell": 0}}
@@ -119,7 +129,7 @@ def test_cli_rejects_bad_input_naming_the_fix(tmp_path, monkeypatch, capsys, scr
 
 
 @pytest.mark.ray
-def test_optuna_asha_sweep_logs_a_clean_hierarchy(ray_local, smoke_overrides, tmp_path):
+def test_optuna_asha_sweep_logs_a_clean_hierarchy(ray_local, smoke_overrides, tmp_path, evaluate_best):
     """(a) TPE + ASHA: one parent, one child per trial, early-stopped trials tagged, nothing left RUNNING."""
     spec = spec_for(tmp_path, smoke_overrides, overrides={"train.epochs": 3})
     result = run_sweep(spec)
@@ -155,6 +165,20 @@ def test_optuna_asha_sweep_logs_a_clean_hierarchy(ray_local, smoke_overrides, tm
     assert parent.data.metrics["trials/early_stopped"] == len(stopped)
     assert parent.data.tags["sweep.best_run_id"] == result.best["mlflow_run_id"]
     _check_optuna_study(result)
+    _check_best_weights(spec, result, evaluate_best)
+
+
+def _check_best_weights(spec, result, evaluate_best):
+    """Every trial's Tune checkpoint (early-stopped ones too: ASHA's rungs are checkpoint epochs) holds its best-on-val
+    weights; the best trial's reproduce its best/test/map."""
+    rows = {r["mlflow_run_id"]: r for r in result.trials}
+    for trial in tune.ExperimentAnalysis(str(Path(spec.storage_path) / spec.name)).trials:
+        row = rows[trial.last_result["mlflow_run_id"]]
+        best = load_best(trial.checkpoint.path)
+        assert best["epoch"] == row["best_epoch"] and best["metrics"]["best/test/map"] == row["test/map"], row
+        if row is result.best or row == result.best:
+            cfg = apply_overrides(spec.base, {k: row[k] for k in spec.space})
+            assert evaluate_best(cfg, trial.checkpoint.path)["test/map"] == row["test/map"]
 
 
 def _check_optuna_study(result):
@@ -213,7 +237,7 @@ def test_killed_trial_resumes_into_the_same_run(ray_local, smoke_overrides, tmp_
     """(e) The trial's worker SIGKILLed after epoch 2 with max_failures=1: Tune restarts the trial from its
     checkpoint, the same MLflow run continues and ends FINISHED, every epoch logged exactly once."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = load_config("synthetic", smoke_overrides | {"train.epochs": 3})
+    cfg = load_config("synthetic", smoke_overrides | {"train.epochs": 3, "train.checkpoint_every_s": 0})
     (metrics,) = run_configs([cfg], names=["crashy"], storage_path=str(tmp_path / "rr"), name="crash",
                              tracking_uri=uri, experiment="crash", parent_run_id=None, resources=Resources(),
                              max_failures=1, callbacks=[KillWorkerAfter(2, tmp_path / "killed")])
