@@ -7,7 +7,8 @@ Examples:
   python experiments/train.py --smoke-test                      # seconds-scale end-to-end check
 
 Overrides are dotted config keys (`key=value`), before or after the flags; `--list-keys` prints every key with the
-chosen preset's value and its meaning. A run checkpoints each epoch into its work directory, named by the run's
+chosen preset's value and its meaning. A run checkpoints into its work directory (every train.checkpoint_every_s, at
+the end and when interrupted; the best-on-val weights in checkpoint/best.pt), named by the run's
 identity (what it computes: config and benchmark content, not paths, threads or workers); rerunning the same
 command resumes it in the same MLflow run.
 """
