@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         preset, keys = overrides(args, cache_dir)
         cfg, flops, steps, width = prepare(preset, keys)
         ensure_experiment(f"sqlite:///{work / 'mlflow.db'}", EXPERIMENT)  # the store exists, as for a user's nth run
-        rate = gemm_rate(1024, 1024, 1024, args.threads)
-        skinny = gemm_rate(cfg.train.batch_size, width, cfg.model.feat_dim, args.threads)
+        timing_s = 0.05 if args.smoke_test else 1.0
+        rate = gemm_rate(1024, 1024, 1024, args.threads, timing_s)
+        skinny = gemm_rate(cfg.train.batch_size, width, cfg.model.feat_dim, args.threads, timing_s)
         print(f"device: cpu, {args.threads} thread(s), torch {torch.__version__}; {preset}, {steps} training steps "
               f"of {flops / 1e6:.0f} MFLOP; GEMM 1024^3 {rate / 1e9:.1f} GFLOP/s, [{cfg.train.batch_size} x {width}] "
               f"x [{width} x {cfg.model.feat_dim}] {skinny / 1e9:.1f} GFLOP/s")

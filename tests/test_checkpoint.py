@@ -130,8 +130,12 @@ def test_ctrl_c_writes_the_last_finished_epoch(smoke_overrides, tmp_path):
             assert not run.saved
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, report=interrupt, workdir=tmp_path)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(cfg, report=interrupt, workdir=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert load_checkpoint(tmp_path / CHECKPOINT_DIR)["run"]["epoch"] == 2
     _same_metrics(fit(cfg).metrics, fit(cfg, workdir=tmp_path).metrics)
 
