@@ -20,7 +20,7 @@ from torch import nn
 
 from comic.checkpoint import CheckpointPolicy, RunCheckpoint, RunState
 from comic.config import Config
-from comic.data.build import benchmark_digest, ensure_benchmark
+from comic.data.build import ensure_benchmark
 from comic.data.features import build_feature_loaders, ensure_features
 from comic.data.images import build_loaders, class_aware_loader
 from comic.data.reader import Benchmark, load_benchmark
@@ -135,17 +135,17 @@ def train_one_epoch(step: Callable, loader: torch.utils.data.DataLoader, criteri
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime,
-            outputs: tuple[str, ...] = ("logits", *EXTRA_OUTPUTS)) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Sigmoid scores of the model's `outputs` that it has ([N, C] each, keyed by output field) and the full targets
-    [N, C]."""
+def predict(model: nn.Module, loader: torch.utils.data.DataLoader,
+            rt: Runtime) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Sigmoid scores of the outputs that are scored (`logits` and EXTRA_OUTPUTS, where the model has them; [N, C]
+    each, keyed by output field) and the full targets [N, C]."""
     model.eval()
     scores: dict[str, list[torch.Tensor]] = {}
     targets = []
     for images, _, full in loader:
         with rt.autocast():
             out = model(rt.inputs_to_device(images))._asdict()
-        for name in outputs:
+        for name in ("logits", *EXTRA_OUTPUTS):
             if name in out:
                 scores.setdefault(name, []).append(torch.sigmoid(out[name].float()).cpu())
         targets.append(full)
@@ -173,13 +173,6 @@ def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     # 6 significant digits: the schedule's products (3e-4 * 1.0) print as 0.00030000000000000003 otherwise.
     return {f"train/lr_{str(g.get('name', i)).replace('/', '_')}": float(f"{g['lr']:.6g}")
             for i, g in enumerate(groups)}
-
-
-def finished_result(cfg: Config, workdir: str | Path) -> FitResult | None:
-    """The result of the run `cfg` that already finished in `workdir` (all its epochs on disk), else None; reads the
-    run's progress only (not its weights, not the benchmark)."""
-    run = RunCheckpoint(cfg, workdir, benchmark_digest(cfg.data)).finished(cfg.train.epochs)
-    return FitResult.of(run, Path(workdir), already_finished=True) if run is not None else None
 
 
 def _per_class(bench: Benchmark, val_ap: np.ndarray, test_ap: np.ndarray | None,

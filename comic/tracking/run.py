@@ -22,7 +22,7 @@ from comic.config import Config, identity, to_dict, to_flat_dict
 from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
-from comic.engine import FitResult, Report, finished_result, fit
+from comic.engine import FitResult, Report, fit
 from comic.report import plots
 from comic.tracking.client import RunTracker
 from comic.tracking.provenance import run_tags
@@ -49,12 +49,13 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
     card = json.loads((ensure_benchmark(cfg.data) / CARD_JSON).read_text())
     # Another run's checkpoint is refused before its MLflow run is reattached: reattaching would log clashing params
     # onto that run and end it FAILED.
-    RunCheckpoint(cfg, workdir, content_digest(card)).check()
+    checkpoint = RunCheckpoint(cfg, workdir, content_digest(card))
+    checkpoint.check()
     run = _earlier_run(workdir, tracking_uri)
-    done = finished_result(cfg, workdir) if run is not None and run.info.status == "FINISHED" else None
+    done = checkpoint.finished(cfg.train.epochs) if run is not None and run.info.status == "FINISHED" else None
     if done is not None:
         log.info("run %s already finished in %s: its results, nothing trained", run.info.run_id, workdir)
-        return done, run.info.run_id
+        return FitResult.of(done, workdir, already_finished=True), run.info.run_id
     tracker = RunTracker(tracking_uri, experiment, run_name=run_name, parent_run_id=parent_run_id,
                          run_id=run.info.run_id if run is not None else None, tags=_tags(cfg, card, tags),
                          detach_on_exit=detach_on_exit)
@@ -66,8 +67,7 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
 
         def on_epoch(metrics: dict[str, float], run: RunState) -> None:
             curves.add(metrics, saved=run.saved)
-            if int(metrics["epoch"]) == cfg.train.epochs:
-                curves.flush()
+            if int(metrics["epoch"]) == cfg.train.epochs:  # saved, so its metrics are in MLflow already
                 log_artifacts(tracker, FitResult.of(run, workdir))
                 artifacts_logged.append(True)
             if report is not None:
