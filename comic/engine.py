@@ -186,7 +186,7 @@ def _per_class(bench: Benchmark, val_ap: np.ndarray, test_ap: np.ndarray | None,
 
 
 @dataclass
-class _Setup:
+class Setup:
     """Everything `fit` builds before its first epoch."""
 
     rt: Runtime
@@ -197,7 +197,7 @@ class _Setup:
     step: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _setup(cfg: Config) -> _Setup:
+def setup(cfg: Config) -> Setup:
     """Device, benchmark, loaders (of images, or profile frozen: of cached trunk features), method, optimizer."""
     frozen = cfg.model.profile == "frozen"
     rt = setup_runtime(cfg.engine, cfg.seed, workers=0 if frozen else cfg.data.num_workers)
@@ -216,10 +216,10 @@ def _setup(cfg: Config) -> _Setup:
     optimizer, scheduler = build_optimizer(model, cfg)
     objects = {"model": model, "criterion": criterion, "optimizer": optimizer, "scheduler": scheduler}
     step = make_train_step(model, criterion, optimizer, cfg, rt)
-    return _Setup(rt, bench, loaders, method, objects, step)
+    return Setup(rt, bench, loaders, method, objects, step)
 
 
-def _epoch(cfg: Config, s: _Setup, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
+def _epoch(cfg: Config, s: Setup, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Train one epoch and evaluate on val (and on test with `train.test_every_epoch`). Returns the epoch's flat
     metrics and its per-class table."""
     model, criterion, optimizer = s.objects["model"], s.objects["criterion"], s.objects["optimizer"]
@@ -240,7 +240,7 @@ def _epoch(cfg: Config, s: _Setup, epoch: int) -> tuple[dict[str, float], dict[s
     return metrics, _per_class(s.bench, val_ap, test_ap, corrections)
 
 
-def _test_best(s: _Setup, checkpoint: RunCheckpoint, run: RunState) -> None:
+def _test_best(s: Setup, checkpoint: RunCheckpoint, run: RunState) -> None:
     """The best-on-val epoch's test metrics, measured on its weights once per best epoch: the same numbers as a test
     pass at that epoch, without one at every epoch that improves val/map (test is never used to select)."""
     if run.best_tested:
@@ -260,16 +260,16 @@ def fit(cfg: Config, report: Report | None = None, *, workdir: str | Path | None
     `best/test/...` from the first checkpoint (or the last epoch) after it became the best).
     """
     workdir = Path(workdir) if workdir is not None else None
-    setup = _setup(cfg)
-    checkpoint = RunCheckpoint(cfg, workdir, setup.bench.digest, policy)
-    run = checkpoint.restore(setup.objects)
+    s = setup(cfg)
+    checkpoint = RunCheckpoint(cfg, workdir, s.bench.digest, policy)
+    run = checkpoint.restore(s.objects)
     with checkpoint.guard():
         for epoch in range(run.epoch + 1, cfg.train.epochs + 1):
-            run.record(*_epoch(cfg, setup, epoch))
+            run.record(*_epoch(cfg, s, epoch))
             save = checkpoint.due(epoch, last=epoch == cfg.train.epochs)
             if save:  # a checkpoint carries its best epoch's test metrics
-                _test_best(setup, checkpoint, run)
-            checkpoint.end_epoch(setup.objects, run, save)
+                _test_best(s, checkpoint, run)
+            checkpoint.end_epoch(s.objects, run, save)
             if report is not None:
                 report(run.history[-1], run)
     return FitResult.of(run, workdir)

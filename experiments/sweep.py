@@ -75,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped (default 2)")
     search.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/rf at each rung")
     search.add_argument("--confirm-top", type=int, default=0, metavar="K",
-                        help="afterwards rerun the best K configs with each of --seeds, without early stopping")
+                        help="afterwards rerun the best K configs with each of --seeds, without early stopping; the "
+                             "confirmed best's model is registered (see --register-model)")
+    search.add_argument("--register-model", metavar="NAME",
+                        help="with --confirm-top: the registered model's name (default <method>-<preset>, alias "
+                             "champion)")
+    search.add_argument("--no-register-model", action="store_true",
+                        help="with --confirm-top: log and register no model")
     run = parser.add_argument_group("the sweep's state")
     run.add_argument("--storage-path", help="Tune experiment storage: a local folder (default ./ray_results), "
                                             "s3://BUCKET/PATH, or an NFS path with --shared-storage")
@@ -91,16 +97,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_spec(args: argparse.Namespace) -> SweepSpec:
     """The sweep spec from the flags (a new sweep), or the saved one (--resume) with new confirmation settings."""
-    confirm = {"confirm_top": args.confirm_top, "confirm_seeds": tuple(args.seeds)}
+    confirm = {"confirm_top": args.confirm_top, "confirm_seeds": tuple(args.seeds),
+               "register_model": "" if args.no_register_model else args.register_model or ""}
     if args.resume:
         if args.overrides or args.space or args.tune_lr:
             raise ConfigError("--resume continues a sweep with its saved config and space; drop the overrides, "
                               "--space and --tune-lr (or start a new sweep with another --name)")
         spec, _ = load_sweep(args.storage_path, args.name)
-        return replace(spec, **confirm)
+        return replace(spec, **confirm | {"register_model": confirm["register_model"] or spec.register_model})
     smoke = SMOKE_SWEEP if args.smoke_test else {}
     demo = DEMO_SCHEDULE if args.preset == "synthetic" and not (args.smoke_test or args.full_schedule) else {}
     base = base_config(args, demo)
+    if not (args.register_model or args.no_register_model):
+        confirm["register_model"] = f"{base.method}-{'smoke' if args.smoke_test else args.preset}"
     space = load_space(args.space, base) if args.space else parse_space(DEFAULT_SPACE, base)
     if args.tune_lr:
         space = with_learning_rate(space, base)
@@ -134,6 +143,9 @@ def report(result: SweepResult, spec: SweepSpec) -> None:
     if result.confirm:
         print(f"\nconfirmation: top {spec.confirm_top} with seeds {' '.join(map(str, spec.confirm_seeds))}, no "
               "early stopping (mean ± std)\n" + format_confirm(result.confirm, spec.space))
+    if result.registered_model:
+        print(f"\nregistered model: {result.registered_model} (the confirmed best configuration's best seed by "
+              f"val/map)\n  python experiments/evaluate.py --model {result.registered_model}")
     print(f"\nMLflow parent run {result.parent_run_id} in experiment {result.experiment!r}")
     command = ui_command(result.tracking_uri)
     if command is None:
@@ -149,7 +161,8 @@ def report(result: SweepResult, spec: SweepSpec) -> None:
 
 def write_metrics(path: str, result: SweepResult) -> None:
     payload = {"name": result.name, "parent_run_id": result.parent_run_id, "best": result.best,
-               "best_config_path": result.best_config_path, "trials": result.trials, "confirm": result.confirm}
+               "best_config_path": result.best_config_path, "trials": result.trials, "confirm": result.confirm,
+               "registered_model": result.registered_model}
     Path(path).write_text(json.dumps(payload, indent=2, default=str))
 
 

@@ -10,7 +10,8 @@ Overrides are dotted config keys (`key=value`), before or after the flags; `--li
 chosen preset's value and its meaning. A run checkpoints into its work directory (every train.checkpoint_every_s, at
 the end and when interrupted; the best-on-val weights in checkpoint/best.pt), named by the run's
 identity (what it computes: config and benchmark content, not paths, threads or workers); rerunning the same
-command resumes it in the same MLflow run.
+command resumes it in the same MLflow run. At the end the best-on-val model is exported (`<workdir>/model/`) and
+logged as the run's MLflow model: `experiments/evaluate.py`, `experiments/predict.py` and `mlflow models serve` use it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from comic.cli import base_config, config_flags, list_keys, parse, tracking_flag
 from comic.config import absolute_paths, identity_hash
 from comic.data.build import benchmark_digest
 from comic.report.tables import run_summary
+from comic.tracking.model import MODEL_DIR, MODEL_URI_TAG
 from comic.tracking.run import tracked_fit
 from comic.tracking.store import find_run, resolve_tracking_uri, run_link, ui_command
 
@@ -37,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--workdir", help="checkpoint directory (default: outputs/<method>-<run identity>)")
     group.add_argument("--run-name", help="MLflow run name (default: method and seed)")
     group.add_argument("--metrics-out", help="write the final metrics as JSON to this file")
+    group.add_argument("--no-log-model", action="store_true",
+                       help="do not export the best-on-val model nor log it as the run's MLflow model")
     return parse(parser, argv)
 
 
@@ -59,7 +63,8 @@ def train(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or default).resolve()
     uri = resolve_tracking_uri(args.tracking_uri)
     result, run_id = tracked_fit(cfg, tracking_uri=uri, experiment=args.experiment, workdir=workdir,
-                                 run_name=args.run_name or f"{cfg.method}-seed{cfg.seed}")
+                                 run_name=args.run_name or f"{cfg.method}-seed{cfg.seed}",
+                                 log_model=not args.no_log_model)
     if result.already_finished:
         print(f"already finished: {workdir} holds this run's {int(result.metrics['epoch'])} epochs; its results "
               "(nothing was trained; delete the work directory or pass another --workdir to train again):")
@@ -69,6 +74,8 @@ def train(args: argparse.Namespace) -> int:
     found = find_run(uri, run_id)
     if found is not None:
         print(f"  its page: {run_link(uri, found.info.experiment_id, run_id)}")
+        if MODEL_URI_TAG in found.data.tags:
+            print(f"  its best-on-val model: {found.data.tags[MODEL_URI_TAG]} (also {workdir / MODEL_DIR})")
     if args.metrics_out:
         Path(args.metrics_out).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     return 0

@@ -77,14 +77,14 @@ def _evaluate_best(cfg, workdir) -> dict[str, float]:
     """Test metrics of the weights in `workdir`'s best.pt, on a model built afresh from `cfg` (its frozen parameters
     as the config re-creates them)."""
     from comic.checkpoint import frozen_names, load_best, load_trainable_state
-    from comic.engine import _setup, evaluate
+    from comic.engine import evaluate, setup
 
     best = load_best(workdir)
-    setup = _setup(cfg)
-    model, frozen = setup.objects["model"], frozenset(best["frozen"])
-    assert frozen_names(model, setup.objects["optimizer"]) == frozen
+    s = setup(cfg)
+    model, frozen = s.objects["model"], frozenset(best["frozen"])
+    assert frozen_names(model, s.objects["optimizer"]) == frozen
     load_trainable_state(model, best["model"], frozen, "best.pt")
-    return evaluate(model, setup.loaders["test"], setup.rt, setup.bench.train_counts, "test")[0]
+    return evaluate(model, s.loaders["test"], s.rt, s.bench.train_counts, "test")[0]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "comic"
 HEAVY = {"ray", "optuna", "mlflow"}
-CORE_PACKAGES = ("models", "losses", "data")
+CORE_PACKAGES = ("models", "losses", "data", "inference")
 # Which rooms each room may import (besides itself); the core (top-level modules and its packages) is "core".
 ALLOWED = {
     "core": {"core", "report"},

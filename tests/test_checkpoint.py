@@ -21,7 +21,7 @@ from comic.checkpoint import (
     load_checkpoint,
 )
 from comic.config import load_config, to_dict
-from comic.engine import _setup, fit
+from comic.engine import fit, setup
 
 EXACT = {"engine.deterministic": True, "engine.threads": 1}
 VOLATILE = ("perf/",)
@@ -65,7 +65,7 @@ def test_a_frozen_trunk_is_never_in_a_checkpoint(smoke_overrides, tmp_path):
     with pytest.raises(RuntimeError, match="crash after epoch 2"):
         fit(cfg, report=_Crash(2), workdir=tmp_path)
     state = load_checkpoint(tmp_path / CHECKPOINT_DIR)
-    trunk = _setup(cfg).objects["model"].trunks.shared
+    trunk = setup(cfg).objects["model"].trunks.shared
     trunk_params = {f"trunks.shared.{name}" for name, _ in trunk.named_parameters()}
     assert trunk_params and set(state["frozen"]) == trunk_params
     for weights in (state["objects"]["model"], load_best(tmp_path)["model"]):
@@ -149,7 +149,7 @@ def test_few_checkpoints_are_written_and_a_finished_run_is_read_back(smoke_overr
     monkeypatch.setattr(torch, "save", lambda obj, path, *a, **k: (writes.append(str(path)), original(obj, path)))
     result = fit(cfg, workdir=tmp_path)
     assert len([w for w in writes if "state.pt" in w]) == 1 and len([w for w in writes if "best.pt" in w]) == 1
-    checkpoint = RunCheckpoint(cfg, tmp_path, _setup(cfg).bench.digest)
+    checkpoint = RunCheckpoint(cfg, tmp_path, setup(cfg).bench.digest)
     finished = checkpoint.finished(7)
     assert len(finished.history) == 8 and checkpoint.finished(9) is None
     _same_metrics(result.metrics, finished.history[-1])
@@ -163,9 +163,9 @@ def test_an_unconfirmed_best_file_is_settled_on_resume(smoke_overrides, tmp_path
     folder = tmp_path / CHECKPOINT_DIR
     best = load_best(tmp_path)
     torch.save(best | {"epoch": 99}, folder / "best.pt.next")  # a best the state never confirmed
-    setup = _setup(cfg)
-    RunCheckpoint(cfg, tmp_path, setup.bench.digest).restore(setup.objects)
+    s = setup(cfg)
+    RunCheckpoint(cfg, tmp_path, s.bench.digest).restore(s.objects)
     assert not (folder / "best.pt.next").exists() and load_best(tmp_path)["epoch"] == best["epoch"]
     torch.save(best | {"model": {}}, folder / "best.pt.next")  # the state names its epoch: it replaces best.pt
-    RunCheckpoint(cfg, tmp_path, setup.bench.digest).restore(setup.objects)
+    RunCheckpoint(cfg, tmp_path, s.bench.digest).restore(s.objects)
     assert not (folder / "best.pt.next").exists() and load_best(tmp_path)["model"] == {}

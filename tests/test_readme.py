@@ -20,6 +20,7 @@ from comic.studies import cli as study_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = ".venv/bin/python "
+MODEL_SCRIPTS = ("experiments/evaluate.py", "experiments/predict.py")
 
 
 def readme_commands() -> list[str]:
@@ -65,6 +66,8 @@ def test_a_readme_command_parses_and_validates(command, tmp_path, capsys):
         _run_in_full(argv, capsys)
     elif argv[0].startswith("ablations/") or argv[0] == "experiments/baselines.py":
         _check_study(argv, capsys)
+    elif argv[0] in MODEL_SCRIPTS:
+        _module(argv[0]).parse_args(argv[1:])  # a model URI resolves only against a tracking store that holds it
     else:
         module = _module(argv[0])
         args = module.parse_args(argv[1:])

@@ -151,7 +151,7 @@ def _open(folder: Path) -> FeatureCache | None:
 
 def _build(folder: Path, bench: Benchmark, cfg: Config, recipe: FeatureRecipe, rt: Runtime) -> None:
     start = time.perf_counter()
-    trunk, width = _frozen_trunk(cfg, rt)
+    trunk, width = frozen_trunk(cfg, rt)
     datasets = build_datasets(bench, cfg.data)  # decoded-image caches (built on first use)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(folder.parent, folder.name)
@@ -172,7 +172,7 @@ def _build(folder: Path, bench: Benchmark, cfg: Config, recipe: FeatureRecipe, r
                  recipe.views, folder, time.perf_counter() - start)
 
 
-def _frozen_trunk(cfg: Config, rt: Runtime) -> tuple[torch.nn.Module, int]:
+def frozen_trunk(cfg: Config, rt: Runtime) -> tuple[torch.nn.Module, int]:
     """The trunk in eval mode on the device; a random one ('none') is drawn from a fixed seed, so that the cache
     key 'none' stands for one trunk."""
     with torch.random.fork_rng(devices=[]):

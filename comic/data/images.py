@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -49,11 +50,13 @@ def resize_side(size: int) -> int:
     return round(256 / 224 * size)
 
 
-def decode(path: Path, shorter: int) -> np.ndarray:
-    """Decode an image and resize its shorter side to `shorter` (bilinear, antialiased). Returns [H, W, 3] uint8.
+def decode(path: Path | BinaryIO, shorter: int) -> np.ndarray:
+    """Decode an image (a file, or a stream of its encoded bytes) and resize its shorter side to `shorter` (bilinear,
+    antialiased). Returns [H, W, 3] uint8.
 
     Raises BenchmarkError naming the file when it is missing or cannot be decoded.
     """
+    name = path if isinstance(path, str | Path) else "image bytes"
     try:
         with Image.open(path) as image:
             w, h = image.size
@@ -63,9 +66,9 @@ def decode(path: Path, shorter: int) -> np.ndarray:
             image.draft("RGB", new)
             rgb = image.convert("RGB").resize(new, Image.BILINEAR)
     except FileNotFoundError as err:
-        raise BenchmarkError(f"{path}: missing image file") from err
+        raise BenchmarkError(f"{name}: missing image file") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BenchmarkError(f"{path}: corrupt image ({err})") from err
+        raise BenchmarkError(f"{name}: corrupt image ({err})") from err
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -74,7 +77,7 @@ def load_train_pixels(path: Path, size: int) -> np.ndarray:
     return decode(path, resize_side(size))
 
 
-def load_eval_pixels(path: Path, size: int) -> np.ndarray:
+def load_eval_pixels(path: Path | BinaryIO, size: int) -> np.ndarray:
     """[size, size, 3] uint8: Resize(resize_side(size)) + CenterCrop(size), what the val/test cache stores."""
     pixels = decode(path, resize_side(size))
     h, w = pixels.shape[:2]

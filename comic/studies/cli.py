@@ -72,6 +72,8 @@ def build_parser(spec: AblationSpec, doc: str) -> argparse.ArgumentParser:
                        help="run only this arm (a name listed below; repeat for several; the reference arm always "
                             "runs). Write --arm=-HTB for a name that starts with '-'")
     group.add_argument("--dry-run", action="store_true", help="print the plan (cells and their state) and exit")
+    group.add_argument("--log-models", action="store_true",
+                       help="log each cell's best-on-val model as its run's MLflow model (off: ~40 MB per cell)")
     return parser
 
 
@@ -119,7 +121,7 @@ def run(spec: AblationSpec, args: argparse.Namespace) -> Report:
     suffix = "-smoke" if args.smoke_test else ""
     study_run = StudyRun(study, base_config(args), study_dir=args.study_dir or Path("studies") / f"{spec.name}{suffix}",
                          tracking_uri=args.tracking_uri, experiment=args.experiment or f"ablation-{spec.name}{suffix}",
-                         title=spec.title, label=plan_label(args))
+                         title=spec.title, label=plan_label(args), log_models=args.log_models)
     if args.dry_run:
         return Report(_plan_text(study_run))
     resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent)

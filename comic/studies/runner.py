@@ -29,12 +29,13 @@ from mlflow.entities import Run
 
 from comic._io import atomic_write, atomic_write_text, stable_hash
 from comic.config import Config, absolute_paths, identity, identity_hash
+from comic.data.build import ensure_benchmark
 from comic.progress import progress as progress_bar
 from comic.studies.plan import Cell, Study, plan
 from comic.tracking import store
 from comic.tracking.client import ERROR_TAG, RunTracker
 from comic.tracking.provenance import code_version, command_line, run_tags
-from comic.tracking.run import RUN_ID_FILE, tracked_fit
+from comic.tracking.run import RUN_ID_FILE, log_benchmark, tracked_fit
 from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri, run_link, search_all_runs
 from comic.tuning.cluster import Resources
 from comic.tuning.runner import run_configs
@@ -95,8 +96,9 @@ class StudyRun:
 
     def __init__(self, study: Study, base: Config, *, study_dir: str | Path, tracking_uri: str | None = None,
                  experiment: str | None = None, code: str | None = None, title: str | None = None,
-                 label: str = "") -> None:
+                 label: str = "", log_models: bool = False) -> None:
         self.study = study
+        self.log_models = log_models  # each cell logs its best-on-val model (off by default: one per cell is waste)
         self.title = title or f"ablation study {study.name}"
         self.label = label  # what sets this plan apart from its siblings in the runs table (preset, overrides)
         self.dir = Path(study_dir).expanduser().resolve()
@@ -174,6 +176,8 @@ class StudyRun:
                               "reference": self.study.reference, "first_arm_config": base,
                               "cells": [{"arm": c.arm.name, "seed": c.seed, "key": c.key} for c in self.cells]},
                              "study.json")
+        for data in {c.dataset: c.config.data for c in self.cells}.values():  # each distinct benchmark once
+            log_benchmark(self.parent, ensure_benchmark(data))
 
     # ----------------------------------------------------------------- execution
 
@@ -218,7 +222,8 @@ class StudyRun:
         try:
             result, run_id = tracked_fit(cell.config, tracking_uri=self.tracking_uri, experiment=self.experiment,
                                          workdir=workdir, run_name=self._run_name(cell),
-                                         parent_run_id=self.parent.run_id, tags=self._child_tags(cell))
+                                         parent_run_id=self.parent.run_id, tags=self._child_tags(cell),
+                                         log_model=self.log_models)
         except Exception as err:  # one broken cell must not sink the grid; it is rerun next time
             log.warning("cell %s (%s) failed: %s", cell.key, self._run_name(cell), err)
             id_file = workdir / RUN_ID_FILE
@@ -238,7 +243,8 @@ class StudyRun:
                               storage_path=str(self.dir / "ray"), name=name, tracking_uri=self.tracking_uri,
                               experiment=self.experiment, parent_run_id=self.parent.run_id,
                               resources=resources or Resources(), max_failures=max_failures, resume=True,
-                              tags=[self._child_tags(c) for c in cells], shared_storage=shared_storage)
+                              tags=[self._child_tags(c) for c in cells], shared_storage=shared_storage,
+                              log_models=self.log_models)
         runs = self._child_runs()
         for cell, metrics in zip(cells, results, strict=True):
             state = FINISHED if metrics else FAILED

@@ -43,7 +43,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from comic._io import GUARD as _GUARD
@@ -61,6 +61,8 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "error"
 RESUME_TAG = "resume_count"
+DATASET_ATTEMPTS = 3
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # what the UI shows beside a run's dataset ('train', 'eval')
 
 
 def param_text(value: Any) -> str:
@@ -397,6 +399,22 @@ class RunTracker:
                 mlflow_client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
                 mlflow_client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, dataset: Dataset, context: str) -> None:
+        """Record a dataset input of the run (the runs table's Dataset column); `context`: how the run used it."""
+        mlflow_client = self._require_started()
+        inputs = [DatasetInput(dataset, [InputTag(DATASET_CONTEXT_TAG, context)])]
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                with _GUARD.call():
+                    mlflow_client.log_inputs(self.run_id, inputs)
+                return
+            except MlflowException as err:
+                # Concurrent trials logging the same new dataset race to create its row: the loser's insert
+                # violates the unique key; on the next attempt the row exists and only the link is added.
+                if attempt + 1 == DATASET_ATTEMPTS:
+                    raise
+                logger.debug("logging dataset %s again after %s", dataset.name, err)
 
     def log_text(self, text: str, name: str) -> None:
         """Write `text` to the artifact file `name` (e.g. 'notes/summary.md')."""

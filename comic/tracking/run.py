@@ -15,16 +15,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from mlflow.entities import Run
+from mlflow.entities import Dataset, Run
 
 from comic.checkpoint import CheckpointPolicy, RunCheckpoint, RunState
-from comic.config import Config, identity, to_dict, to_flat_dict
+from comic.config import Config, identity, load_config, to_dict, to_flat_dict
 from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
 from comic.engine import FitResult, Report, fit
+from comic.presets import SMOKE_OVERRIDES
 from comic.report import plots
 from comic.tracking.client import RunTracker
+from comic.tracking.model import log_best_model
 from comic.tracking.provenance import run_tags
 from comic.tracking.store import find_run
 
@@ -37,16 +39,18 @@ LOG_EVERY_S = 10.0  # at most this long between an epoch's end and its metrics i
 def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str | Path,
                 run_name: str | None = None, parent_run_id: str | None = None, report: Report | None = None,
                 tags: dict[str, str] | None = None, detach_on_exit: bool = False,
-                policy: CheckpointPolicy | None = None) -> tuple[FitResult, str]:
+                policy: CheckpointPolicy | None = None, log_model: bool = False) -> tuple[FitResult, str]:
     """Run `fit(cfg)` in an MLflow run (ends FINISHED / FAILED / KILLED, never RUNNING); return it and the run id.
 
     The artifacts (tables, plots) are logged at the last epoch before `report` sees it, so a trial that its
     scheduler stops there keeps them. `detach_on_exit`: see `RunTracker` (Ray Tune trials). `policy`: when to
-    checkpoint (default: `train.checkpoint_every_s`).
+    checkpoint (default: `train.checkpoint_every_s`). `log_model`: export the best-on-val model and log it as the
+    run's MLflow model (`comic.tracking.model`; its URI in the run's tag `model_uri`).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    card = json.loads((ensure_benchmark(cfg.data) / CARD_JSON).read_text())
+    bench_dir = ensure_benchmark(cfg.data)
+    card = json.loads((bench_dir / CARD_JSON).read_text())
     # Another run's checkpoint is refused before its MLflow run is reattached: reattaching would log clashing params
     # onto that run and end it FAILED.
     checkpoint = RunCheckpoint(cfg, workdir, content_digest(card))
@@ -61,7 +65,7 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
                          detach_on_exit=detach_on_exit)
     with tracker:
         (workdir / RUN_ID_FILE).write_text(tracker.run_id)
-        _log_inputs(tracker, cfg, card)
+        _log_inputs(tracker, cfg, card, bench_dir)
         artifacts_logged = []
         curves = _Curves(tracker)
 
@@ -80,6 +84,8 @@ def tracked_fit(cfg: Config, *, tracking_uri: str, experiment: str, workdir: str
         curves.add_all(result.history)  # epochs an earlier, interrupted process saved but never logged; duplicates drop
         if not artifacts_logged:  # the last epoch ran in an earlier, interrupted process
             log_artifacts(tracker, result)
+        if log_model:
+            log_best_model(tracker, cfg, workdir)
     return result, tracker.run_id
 
 
@@ -133,12 +139,33 @@ def split_params(cfg: Config) -> tuple[dict[str, object], dict[str, str]]:
     return params, mutable
 
 
-def _log_inputs(tracker: RunTracker, cfg: Config, card: dict) -> None:
+def _log_inputs(tracker: RunTracker, cfg: Config, card: dict, bench_dir: Path) -> None:
     params, mutable = split_params(cfg)
     tracker.log_params(params)
     tracker.set_tags(mutable)
     tracker.log_dict(to_dict(cfg), "config.yaml")
     tracker.log_dict(card, "dataset/card.json")
+    log_benchmark(tracker, bench_dir)
+
+
+def smoke_model(folder: Path) -> tuple[str, str]:
+    """Train the scripts' smoke configuration in `folder` with its model logged (a script's `--smoke-test` needs a
+    model to use); returns (the run's `runs:/` URI, the SQLite tracking URI)."""
+    cfg = load_config("synthetic", SMOKE_OVERRIDES | {"data.cache_dir": str(folder / "data"), "engine.progress": False})
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    _, run_id = tracked_fit(cfg, tracking_uri=uri, experiment="comic-train", workdir=folder / "run", log_model=True)
+    return f"runs:/{run_id}", uri
+
+
+def log_benchmark(tracker: RunTracker, bench_dir: Path, context: str = "train") -> None:
+    """The built benchmark in `bench_dir` as an MLflow dataset of the run (the runs table's Dataset column): its
+    name, content digest, folder and split sizes; `context`: 'train' (what a run trained on), 'eval'."""
+    card = json.loads((bench_dir / CARD_JSON).read_text())
+    profile = {"benchmark": card.get("benchmark"), "classes": len(card.get("class_names", [])),
+               "splits": {k: v for k, v in card.get("sizes", {}).items() if k in ("train", "val", "test")}}
+    dataset = Dataset(str(card.get("name", bench_dir.name)), content_digest(card)[:16], "local",
+                      json.dumps({"uri": str(bench_dir)}), profile=json.dumps(profile))
+    tracker.log_dataset(dataset, context)
 
 
 def _tags(cfg: Config, card: dict, extra: dict[str, str] | None) -> dict[str, str]:

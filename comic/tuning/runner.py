@@ -123,7 +123,7 @@ def check_tune_state(path: str) -> None:
 def run_configs(configs: list[Config], *, names: list[str], storage_path: str, name: str, tracking_uri: str,
                 experiment: str, parent_run_id: str | None, resources: Resources, max_failures: int = 1,
                 resume: bool = False, tags: list[dict[str, str]] | None = None, shared_storage: bool = False,
-                callbacks: Sequence[Any] = ()) -> list[dict[str, float]]:
+                callbacks: Sequence[Any] = (), log_models: bool = False) -> list[dict[str, float]]:
     """Run every config once as a Tune trial (a grid, no search, no early stopping), each a child MLflow run.
 
     Trial i is MLflow run `names[i]` under `parent_run_id` with extra `tags[i]`. A crashed trial restarts from its
@@ -132,7 +132,7 @@ def run_configs(configs: list[Config], *, names: list[str], storage_path: str, n
     checkpoint) and starts it otherwise; `resume=False` refuses an existing one. Returns each config's final
     metrics (`FitResult.metrics`, with best/...) in input order; `{}` for a trial that errored for good (logged at
     ERROR level; its run is FAILED). Raises TuneInterrupted when the run was interrupted (resume to continue).
-    `callbacks`: extra Tune callbacks (on the driver).
+    `callbacks`: extra Tune callbacks (on the driver). `log_models`: every trial logs its best-on-val model.
     """
     if len(names) != len(configs) or (tags is not None and len(tags) != len(configs)):
         raise ValueError(f"{len(configs)} configs need as many names ({len(names)}) and tags "
@@ -143,7 +143,7 @@ def run_configs(configs: list[Config], *, names: list[str], storage_path: str, n
     check_cluster_storage(storage, uri, shared_storage)
     ensure_experiment(uri, experiment)
     job = TrialJob(uri, experiment, parent_run_id, "grid", cells=tuple(to_dict(c) for c in prepare_configs(configs)),
-                   names=tuple(names), tags=tuple(dict(t) for t in tags or ()))
+                   names=tuple(names), tags=tuple(dict(t) for t in tags or ()), log_models=log_models)
     trainable = trial_trainable(job, resources)
     all_callbacks = [RunStates(job), Progress(job, METRIC), *callbacks]
 

@@ -25,11 +25,14 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from comic.config import Config, apply_overrides, from_dict, to_dict
+from comic.data.build import ensure_benchmark
 from comic.tracking.client import RunTracker
 from comic.tracking.provenance import command_line, executable, run_tags
+from comic.tracking.run import log_benchmark
 from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri
 from comic.tuning import results
 from comic.tuning.callbacks import Progress, RunStates
+from comic.tuning.champion import champion_cell, register_champion
 from comic.tuning.cluster import (
     Resources,
     TuneError,
@@ -120,6 +123,7 @@ class SweepSpec:
     shared_storage: bool = False
     confirm_top: int = 0
     confirm_seeds: tuple[int, ...] = (0, 1, 2)
+    register_model: str = ""  # with confirm_top: register the confirmed best's model under this name ('' = no)
 
     def check(self) -> None:
         if self.num_samples < 1:
@@ -152,6 +156,7 @@ class SweepResult:
     confirm: list[dict[str, Any]] = field(default_factory=list)
     experiment_id: str = ""
     optuna_storage: str | None = None  # where `optuna.load_study(study_name=name, storage=...)` finds the search
+    registered_model: str | None = None  # `models:/NAME@champion` of the confirmed best's model
 
 
 def resolved(spec: SweepSpec) -> SweepSpec:
@@ -168,7 +173,8 @@ def _save_state(spec: SweepSpec, parent_run_id: str) -> None:
              "base": to_dict(spec.base), "space": {k: d.describe() for k, d in spec.space.items()},
              "num_samples": spec.num_samples, "seed": spec.seed, "grace_period": spec.grace_period,
              "reduction_factor": spec.reduction_factor, "max_failures": spec.max_failures,
-             "resources": vars(spec.resources), "shared_storage": spec.shared_storage}
+             "resources": vars(spec.resources), "shared_storage": spec.shared_storage,
+             "register_model": spec.register_model}
     filesystem, path = fs.FileSystem.from_uri(spec.path)
     filesystem.create_dir(path, recursive=True)
     with filesystem.open_output_stream(f"{path}/{STATE_FILE}") as out:
@@ -189,7 +195,7 @@ def load_sweep(storage_path: str | None, name: str | None = None) -> tuple[Sweep
                          reduction_factor=state["reduction_factor"], resources=Resources(**state["resources"]),
                          max_failures=state["max_failures"], storage_path=storage, name=name,
                          tracking_uri=state["tracking_uri"], experiment=state["experiment"],
-                         shared_storage=state["shared_storage"])
+                         shared_storage=state["shared_storage"], register_model=state.get("register_model", ""))
         return spec, state["parent_run_id"]
     except FileNotFoundError as err:
         raise TuneError(f"no sweep to resume at {experiment_path(storage, name)} (no {STATE_FILE}); check "
@@ -232,15 +238,16 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = 
         if parent_id is None:
             _save_state(spec, parent.run_id)
         results.log_inputs(parent, _settings(spec), spec.space, spec.base)
+        log_benchmark(parent, ensure_benchmark(spec.base.data))
         grid = _search(spec, parent.run_id, resume, restart_errored, callbacks)
         rows = results.trial_rows(grid, spec.space, spec.base.train.epochs)
         best = results.best_row(grid, rows)
         best_config = apply_overrides(spec.base, {k: best[k] for k in spec.space}) if best else None
         results.log_results(parent, spec.space, rows, best, best_config)
         best_path = _save_best(spec, best_config) if best_config else None
-        confirm = _confirm(spec, rows, parent) if spec.confirm_top else []
+        confirm, registered = _confirm(spec, rows, parent, experiment_id) if spec.confirm_top else ([], None)
     return SweepResult(spec.name, spec.path, spec.tracking_uri, spec.experiment, parent.run_id, rows, best,
-                       best_config, best_path, confirm, experiment_id, optuna_storage(spec))
+                       best_config, best_path, confirm, experiment_id, optuna_storage(spec), registered)
 
 
 def _parent_note(spec: SweepSpec) -> str:
@@ -322,8 +329,11 @@ def _search(spec: SweepSpec, parent_run_id: str, resume: bool, restart_errored: 
                      restart_errored=restart_errored)
 
 
-def _confirm(spec: SweepSpec, rows: list[dict[str, Any]], parent: RunTracker) -> list[dict[str, Any]]:
-    """Rerun the top `confirm_top` configs over `confirm_seeds` (no early stopping) and summarize them."""
+def _confirm(spec: SweepSpec, rows: list[dict[str, Any]], parent: RunTracker,
+             experiment_id: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Rerun the top `confirm_top` configs over `confirm_seeds` (no early stopping) and summarize them; with
+    `spec.register_model`, every confirmation run logs its model and the champion's is registered (its URI
+    returned)."""
     ranked = sorted((r for r in rows if r["state"] != "errored" and math.isfinite(r[METRIC])),
                     key=lambda r: -r[METRIC])[:spec.confirm_top]
     configs, names, tags, ranks = [], [], [], []
@@ -337,10 +347,14 @@ def _confirm(spec: SweepSpec, rows: list[dict[str, Any]], parent: RunTracker) ->
     metrics = run_configs(configs, names=names, storage_path=spec.storage_path, name=confirm_name(spec),
                           tracking_uri=spec.tracking_uri, experiment=spec.experiment, parent_run_id=parent.run_id,
                           resources=spec.resources, max_failures=spec.max_failures, resume=True, tags=tags,
-                          shared_storage=spec.shared_storage)
+                          shared_storage=spec.shared_storage, log_models=bool(spec.register_model))
     summary = results.summarize_confirm(ranked, ranks, metrics, spec.space)
     results.log_confirm(parent, summary, spec.space)
-    return summary
+    cell = champion_cell(summary, ranks, metrics) if spec.register_model else None
+    if cell is None:
+        return summary, None
+    return summary, register_champion(parent, experiment_id, names[cell], metrics[cell], spec.register_model,
+                                      spec.name)
 
 
 def confirm_name(spec: SweepSpec) -> str:

@@ -60,6 +60,7 @@ class TrialJob:
     names: tuple[str, ...] = ()
     tags: tuple[dict[str, str], ...] = ()
     checkpoint_epochs: tuple[int, ...] = ()  # besides the time-based ones: where the scheduler may stop a trial
+    log_models: bool = False  # each trial logs its best-on-val model as its run's MLflow model
 
     def resolve(self, params: dict[str, Any]) -> tuple[Config, str | None, dict[str, str]]:
         """(config, MLflow run name or None for the default, extra tags) of the trial with these params."""
@@ -107,7 +108,7 @@ def comic_trial(config: dict[str, Any], job: TrialJob) -> None:
         tracked_fit(cfg, tracking_uri=job.tracking_uri, experiment=job.experiment, workdir=workdir,
                     run_name=run_name or context.get_trial_name(), parent_run_id=job.parent_run_id,
                     report=_Reporter(workdir), tags=tags, detach_on_exit=True,
-                    policy=CheckpointPolicy.of(cfg, job.checkpoint_epochs))
+                    policy=CheckpointPolicy.of(cfg, job.checkpoint_epochs), log_model=job.log_models)
     except CheckpointError as err:
         origin = tune.get_checkpoint()
         if origin is None:

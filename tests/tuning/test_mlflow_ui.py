@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 from sweep_helpers import spec_for
 
 from comic.tracking.store import experiment_link, run_link
@@ -75,6 +76,9 @@ def test_a_sweep_opens_on_its_runs_table_and_the_parent_expands_into_trials(ray_
     parent_cell.find_element(By.TAG_NAME, "button").click()  # the +/- expander beside the parent's name
     page = _wait_for_text(browser, *trials)
     assert f"{len(trials) + 1} matching runs" in page
+    # the Dataset column names the benchmark on every row: the parent's and each trial's
+    dataset = MlflowClient(mlflow_server).get_run(result.parent_run_id).inputs.dataset_inputs[0].dataset.name
+    assert page.count(dataset) >= len(trials) + 1, page[:3000]
     # the parent's page: its description says what ran and the command that made it
     browser.get(run_link(mlflow_server, result.experiment_id, result.parent_run_id))
     page = _wait_for_text(browser, "Description", "Made by:")

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
+from model_helpers import pyfunc_agrees_with_scripts, voc_photos
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from sweep_helpers import InterruptMidTrial, runs_of, spec_for, steps_of
@@ -296,8 +297,10 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_local, smoke_overrides
 
 
 @pytest.mark.ray
-def test_sweep_cli_smoke_with_confirmation(ray_local, smoke_overrides, tmp_path):
-    """`sweep.py --smoke-test --confirm-top 1 --seeds 0 1` end to end (joining the session's Ray instance)."""
+def test_sweep_cli_smoke_with_confirmation(ray_local, smoke_overrides, tmp_path, shared_data, script):
+    """`sweep.py --smoke-test --confirm-top 1 --seeds 0 1` end to end (joining the session's Ray instance), leaving
+    the confirmed best's model registered: loaded by its alias, it scores real photos as predict.py and evaluation
+    do."""
     out, uri = tmp_path / "sweep.json", f"sqlite:///{tmp_path}/mlflow.db"
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, SWEEP, "--smoke-test", "--num-samples", "2", "--confirm-top", "1", "--seeds", "0", "1",
@@ -321,3 +324,12 @@ def test_sweep_cli_smoke_with_confirmation(ray_local, smoke_overrides, tmp_path)
     assert {r.info.status for r in kids} == {"FINISHED"} and parent.info.status == "FINISHED"
     assert {r.data.params["seed"] for r in kids if r.data.tags["sweep.phase"] == "confirm"} == {"0", "1"}
     assert "confirm/top1/val_map_mean" in parent.data.metrics
+    registered = payload["registered_model"]
+    assert registered == "models:/comic-smoke@champion" and f"evaluate.py --model {registered}" in proc.stdout
+    version = MlflowClient(uri).get_model_version_by_alias("comic-smoke", "champion")
+    confirms = [r for r in kids if r.data.tags["sweep.phase"] == "confirm"]
+    champion = max(confirms, key=lambda r: r.data.metrics["best/val/map"])  # one config: its best seed by val
+    assert version.tags["source_run_id"] == champion.info.run_id and version.tags["sweep_run_id"] == parent.info.run_id
+    assert float(version.tags["best_test_map"]) == pytest.approx(champion.data.metrics["best/test/map"], abs=1e-4)
+    assert all(r.inputs.dataset_inputs for r in kids)  # every trial's run names its benchmark
+    pyfunc_agrees_with_scripts(uri, registered, voc_photos(shared_data), script, tmp_path)
