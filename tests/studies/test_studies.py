@@ -203,10 +203,12 @@ def test_ray_backend_glue_with_a_stand_in_for_run_configs(smoke_overrides, tmp_p
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_backend_end_to_end(ray_local, smoke_overrides, tmp_path):
-    """The ray backend through the real `run_configs` on the session's local Ray instance."""
+    """The ray backend through the real `run_configs` on the session's local Ray instance; with `log_models` every
+    cell's run holds its model, and the parent names the benchmark."""
     base = load_config("synthetic", smoke_overrides | {"train.epochs": 1})
     study = Study("raygrid", {"COMIC": {}, "-HTB": {"htb.enabled": False}}, (0,))
-    with StudyRun(study, base, study_dir=tmp_path / "study", tracking_uri=f"sqlite:///{tmp_path}/m.db") as run:
+    with StudyRun(study, base, study_dir=tmp_path / "study", tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                  log_models=True) as run:
         rows = run.run("ray", resources=Resources(cpus_per_trial=1))
         assert run.pending() == []
     assert rows["state"].tolist() == [FINISHED, FINISHED], rows[["state", "error"]]
@@ -215,6 +217,9 @@ def test_ray_backend_end_to_end(ray_local, smoke_overrides, tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
     child = client.get_run(rows["run_id"].iloc[0])
     assert child.data.tags["mlflow.parentRunId"] == run.parent.run_id and child.info.status == "FINISHED"
+    assert all(client.get_run(r).data.tags["model_uri"].startswith("models:/m-") for r in rows["run_id"])
+    parent_data = client.get_run(run.parent.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in parent_data] == [child.inputs.dataset_inputs[0].dataset.name]
 
 
 # --------------------------------------------------------------------------------------------- the loss arms
