@@ -8,6 +8,7 @@ thread, 40 epochs, and prints, all measured in this run:
   - the machine's single-thread GEMM rate (a 1024^3 GEMM; and the step's own [B x width] x [width x 1024] shape);
   - the compute floor: steps x step FLOPs / the 1024^3 rate, and wall / floor, steps / floor;
   - the bytes the run wrote to disk (its block output, as `/usr/bin/time -v` reports "File system outputs").
+The run exports no model (`--no-log-model`, as a sweep's search trial; `--log-model` measures train.py's default).
 The last line reads
     wall_over_floor=<x> steps_over_floor=<y> written_mb=<z> wall_s=<w>
 `--baseline DIR` runs another checkout of the project (e.g. `git worktree add /tmp/base <commit>`) the same way in the
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=str(REPO / "comic_data"),
                         help="built benchmarks and features (default: the project's own, so built features are reused)")
     parser.add_argument("--baseline", help="another checkout of the project to run the same way, first")
+    parser.add_argument("--log-model", action="store_true",
+                        help="let the run export and log its best model, as train.py does by default (off: a sweep's "
+                             "search trial, which logs none)")
     parser.add_argument("--smoke-test", action="store_true", help="the synthetic smoke benchmark, 2 epochs: seconds")
     return parser.parse_args(argv)
 
@@ -111,12 +115,16 @@ def gemm_rate(m: int, k: int, n: int, threads: int, seconds: float = 1.0) -> flo
     return 2 * m * k * n / best
 
 
-def run_trial(code: Path, preset: str, keys: list[str], work: Path, env: dict[str, str]) -> dict[str, float]:
-    """One `experiments/train.py` run of checkout `code` in a fresh process: wall s, written bytes, step s, mAP."""
+def run_trial(code: Path, preset: str, keys: list[str], work: Path, env: dict[str, str],
+              log_model: bool = False) -> dict[str, float]:
+    """One `experiments/train.py` run of checkout `code` in a fresh process: wall s, written bytes, step s, mAP.
+    Without `log_model` the run exports no model (where the checkout's train.py can): a sweep's search trial."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
     workdir = work / f"run-{code.name}-{time.monotonic_ns()}"
-    command = [sys.executable, str(code / "experiments" / "train.py"), "--preset", preset, "--workdir", str(workdir),
-               "--tracking-uri", uri, "--experiment", EXPERIMENT, "--metrics-out", str(workdir) + ".json", *keys]
+    script = code / "experiments" / "train.py"
+    no_model = [] if log_model or "--no-log-model" not in script.read_text() else ["--no-log-model"]
+    command = [sys.executable, str(script), "--preset", preset, "--workdir", str(workdir), "--tracking-uri", uri,
+               "--experiment", EXPERIMENT, "--metrics-out", str(workdir) + ".json", *no_model, *keys]
     blocks = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
     start = time.perf_counter()
     done = subprocess.run(command, env=env | {"PYTHONPATH": str(code)}, capture_output=True, text=True)
@@ -160,9 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         floor_s = steps * flops / rate
         print(f"compute floor: {floor_s:.1f} s ({steps} steps x {flops / 1e6:.0f} MFLOP at the 1024^3 rate)")
         if args.baseline:
-            report(f"baseline {args.baseline}", run_trial(Path(args.baseline).resolve(), preset, keys, work, env),
-                   floor_s)
-        run = run_trial(REPO, preset, keys, work, env)
+            report(f"baseline {args.baseline}",
+                   run_trial(Path(args.baseline).resolve(), preset, keys, work, env, args.log_model), floor_s)
+        run = run_trial(REPO, preset, keys, work, env, args.log_model)
         report("this checkout", run, floor_s)
         print(f"wall_over_floor={run['wall_s'] / floor_s:.2f} steps_over_floor={run['steps_s'] / floor_s:.2f} "
               f"written_mb={run['written'] / 1e6:.0f} wall_s={run['wall_s']:.1f}")
