@@ -17,7 +17,6 @@ tagged with the model's URI and its training run, with the benchmark as its data
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from comic._io import UserError
-from comic.cli import base_config, config_flags, parse, tracking_flags
+from comic.cli import base_config, config_flags, parse, run_script, tracking_flags
 from comic.config import absolute_paths, apply_overrides
 from comic.data.build import ensure_benchmark
 from comic.data.images import build_loaders
@@ -65,16 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.smoke_test:
-            with tempfile.TemporaryDirectory(prefix="comic-evaluate-") as tmp:
-                args.model, args.tracking_uri = smoke_model(Path(tmp))
-                return run(args)
+    return run_script(lambda: _smoke(args) if args.smoke_test else run(args))
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    """Train a tiny synthetic model with its model logged in a temporary folder, then evaluate it there."""
+    with tempfile.TemporaryDirectory(prefix="comic-evaluate-") as tmp:
+        args.model, args.tracking_uri = smoke_model(Path(tmp))
         return run(args)
-    except UserError as err:  # a bad flag, key, file or model: one line that says what to do
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 def _data_config(args: argparse.Namespace, bundle: ModelBundle):
     """The model's own data config, or the one --preset / --data / --config / overrides describe (image size: the
     model's, its preprocessing)."""
-    if args.preset is None and not (args.data or args.config or args.overrides or args.smoke_test):
+    if args.preset is None and not (args.data or args.config or args.overrides):
         return bundle.cfg.data
     args.preset = args.preset or "synthetic"
     cfg = absolute_paths(base_config(args))

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from comic._io import UserError, atomic_write
-from comic.cli import tracking_flags
+from comic.cli import run_script, tracking_flags
 from comic.inference.bundle import ModelBundle
 from comic.inference.predictor import Prediction, Predictor, image_files
 from comic.progress import progress
@@ -55,22 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.smoke_test:
-            with tempfile.TemporaryDirectory(prefix="comic-predict-") as tmp:
-                return predict(_smoke(args, Path(tmp)))
+    return run_script(lambda: _smoke(args) if args.smoke_test else predict(args), logging.WARNING)
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    """Train a tiny synthetic model in a temporary folder and predict the synthetic test images of its benchmark."""
+    with tempfile.TemporaryDirectory(prefix="comic-predict-") as tmp:
+        args.model, args.tracking_uri = smoke_model(Path(tmp))
+        args.paths = sorted((Path(tmp) / "data").glob("*-source-*/test"))
         return predict(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def _smoke(args: argparse.Namespace, folder: Path) -> argparse.Namespace:
-    """A smoke model and the synthetic test images of its benchmark."""
-    args.model, args.tracking_uri = smoke_model(folder)
-    args.paths = sorted((folder / "data").glob("*-source-*/test"))
-    return args
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from comic._io import UserError
-from comic.cli import base_config, config_flags, list_keys, parse, tracking_flags
+from comic.cli import base_config, config_flags, list_keys, parse, run_script, tracking_flags
 from comic.config import absolute_paths, identity_hash
 from comic.data.build import benchmark_digest
 from comic.report.tables import run_summary
@@ -49,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_keys:
         print(list_keys(args))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return train(args)
-    except UserError as err:  # a bad flag, key, file or folder: one line that says what to do
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_script(lambda: train(args))
 
 
 def train(args: argparse.Namespace) -> int:

@@ -110,9 +110,9 @@ def tracking(uri: str) -> Iterator[None]:
             os.environ[PROGRESS_BAR_VARIABLE] = bar
 
 
-def log_model(tracking_uri: str, run_id: str, bundle_file: Path) -> str:
-    """Log the bundle as run `run_id`'s pyfunc model `model`; returns its `models:/<model_id>` URI."""
-    bundle = ModelBundle.load(bundle_file)
+def log_model(tracking_uri: str, run_id: str, bundle: ModelBundle, bundle_file: Path) -> str:
+    """Log `bundle` (saved at `bundle_file`) as run `run_id`'s pyfunc model `model`; returns its `models:/<model_id>`
+    URI."""
     with tracking(tracking_uri):
         info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
                          python_model=str(CODE_FILE), artifacts={ARTIFACT: str(bundle_file)},
@@ -126,7 +126,8 @@ def log_best_model(tracker: RunTracker, cfg: Config, workdir: Path) -> str:
     """Export the run's best-on-val model into `workdir/model/` and log it as the run's MLflow model; returns its
     URI, also set as the run's tag `model_uri`."""
     bundle = export_run(cfg, workdir, tracker.run_id)
-    uri = log_model(tracker.tracking_uri, tracker.run_id, bundle.save(Path(workdir) / MODEL_DIR / BUNDLE_FILE))
+    path = bundle.save(Path(workdir) / MODEL_DIR / BUNDLE_FILE)
+    uri = log_model(tracker.tracking_uri, tracker.run_id, bundle, path)
     tracker.set_tags({MODEL_URI_TAG: uri})
     return uri
 
