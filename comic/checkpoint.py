@@ -267,6 +267,11 @@ class RunCheckpoint:
         return run_identity(self.cfg, self.dataset_digest)
 
     @property
+    def workdir(self) -> Path | None:
+        """The run's work directory (None: a run that keeps nothing on disk)."""
+        return self.folder.parent if self.folder is not None else None
+
+    @property
     def best_path(self) -> Path | None:
         return self.folder / BEST_NAME if self.folder is not None else None
 

@@ -77,6 +77,8 @@ class DataConfig:
     missing_rate: float = _spec(0.4, _interval(0, 1, hi_open=True), "probability of dropping each positive")
     split_seed: int = _spec(0, NONNEG_INT, "fixes the benchmark: subsample, missing labels, val split")
     val_size: int = _spec(2000, NONNEG_INT, "validation images drawn from source images not used for training")
+    folds: int = _spec(0, NONNEG_INT, "k >= 2: k disjoint test folds of the pool and test images (0: no folds)")
+    fold: int = _spec(0, NONNEG_INT, "with data.folds = k: the test fold (0 .. k-1) of this benchmark")
     image_size: int = _spec(224, _interval(16), "training crop / evaluation crop side")
     crop_scale_min: float = _spec(0.08, _interval(0, 1, lo_open=True), "RandomResizedCrop: smallest crop area fraction")
     num_workers: int = _spec(2, NONNEG_INT, "DataLoader worker processes")
@@ -336,6 +338,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r}: {message}")
     if cfg.data.max_count < cfg.data.min_count:
         raise ConfigError(f"data.max_count={cfg.data.max_count}: must be >= data.min_count={cfg.data.min_count}")
+    if cfg.data.folds == 1 or cfg.data.fold >= max(cfg.data.folds, 1):
+        raise ConfigError(f"data.folds={cfg.data.folds}, data.fold={cfg.data.fold}: folds is 0 (the source's own "
+                          "test set) or k >= 2, and fold is in 0 .. k-1")
 
 
 def load_config(preset: str = "synthetic", overrides: Mapping[str, Any] | Iterable[str] = (),

@@ -25,6 +25,7 @@ from comic.data.features import build_feature_loaders, ensure_features
 from comic.data.images import build_loaders, class_aware_loader
 from comic.data.reader import Benchmark, load_benchmark
 from comic.device import Runtime, peak_memory_mb, reset_peak_memory, setup_runtime, synchronize
+from comic.inference.scores import TEST_SCORES, write_test_scores
 from comic.meters import CorrectionMeter, LossMeter
 from comic.methods import Criterion, DataStats, Method, Model, build_method
 from comic.metrics import average_precision, chance_map, evaluate_scores, shot_groups
@@ -158,7 +159,12 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime,
 
     Returns the flat metrics (`val/map`, `val/head/map`, ...) and the per-class AP [C] of the prediction.
     """
-    scores, targets = predict(model, loader, rt)
+    return score_metrics(*predict(model, loader, rt), train_counts, split)
+
+
+def score_metrics(scores: dict[str, np.ndarray], targets: np.ndarray, train_counts: np.ndarray,
+                  split: str) -> tuple[dict[str, float], np.ndarray]:
+    """`evaluate`'s metrics and per-class AP [C] of `predict`'s scores ({output: [N, C]}) and targets [N, C]."""
     metrics = {f"{split}/{k}": v for k, v in evaluate_scores(scores["logits"], targets, train_counts).items()}
     metrics[f"{split}/map_chance"] = chance_map(targets)
     for name, label in EXTRA_OUTPUTS.items():
@@ -246,7 +252,12 @@ def _test_best(s: Setup, checkpoint: RunCheckpoint, run: RunState) -> None:
     if run.best_tested:
         return
     with checkpoint.best_weights_in(s.objects["model"], run):
-        test, test_ap = evaluate(s.objects["model"], s.loaders["test"], s.rt, s.bench.train_counts, "test")
+        scores, targets = predict(s.objects["model"], s.loaders["test"], s.rt)
+    test, test_ap = score_metrics(scores, targets, s.bench.train_counts, "test")
+    if checkpoint.workdir is not None:  # per-image scores: statistics over test images need no retraining
+        rows = s.loaders["test"].dataset.rows
+        write_test_scores(checkpoint.workdir / TEST_SCORES, scores["logits"], targets,
+                          [s.bench.test.image_ids[r] for r in rows], run.best_epoch, s.bench.train_counts)
     run.record_best_test(test, test_ap.tolist())
 
 

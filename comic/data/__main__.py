@@ -55,7 +55,7 @@ rerunning with the same inputs does no work. Examples:
 
 # Options whose dest is the name of a DataConfig field.
 _DATA_OPTIONS = ("missing_rate", "split_seed", "val_size", "max_count", "min_count", "pareto_b", "synthetic_images",
-                 "synthetic_test_images", "synthetic_classes")
+                 "synthetic_test_images", "synthetic_classes", "folds", "fold")
 # voc: option -> DataConfig field.
 _VOC_OPTIONS = {"year": "voc_year", "train_set": "voc_train_set", "test_set": "voc_test_set"}
 
@@ -84,6 +84,9 @@ def _add_split_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max-count", type=int, help="Pareto: images of the largest class")
     group.add_argument("--min-count", type=int, help="Pareto: images of the smallest class (default 1)")
     group.add_argument("--pareto-b", type=float, help="Pareto shape b (larger: flatter)")
+    group.add_argument("--folds", type=int, help="k >= 2: cut the pool and test images together into k disjoint test "
+                                                 "folds (train / val from the other folds); default 0: no folds")
+    group.add_argument("--fold", type=int, help="with --folds k: the test fold, 0 .. k-1 (default 0)")
     group.add_argument("--skip-bad-images", action="store_true",
                        help="skip missing or corrupt images (counted in the card) instead of failing")
     group.add_argument("--out", help="folder under which <kind>-<hash>/ is written (default: data.cache_dir, "

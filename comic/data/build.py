@@ -20,7 +20,6 @@ import random
 import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from PIL import Image
 from comic._io import absolute_path, file_digest, make_temp_dir, publish_dir, remove_stale_temps, stable_hash
 from comic.config import Config, ConfigError, DataConfig, apply_overrides, to_flat_dict
 from comic.data.card import BUILDER_VERSION, BuildContent, make_card, write_benchmark
+from comic.data.folds import fold_sets
 from comic.data.labels import LabelSet
 from comic.data.longtail import pareto_subsample
 from comic.data.partial import drop_positives
@@ -54,7 +54,7 @@ def ensure_benchmark(data: DataConfig) -> Path:
 
 # The data.* keys a built benchmark fixed when it was built (its card's parameters).
 BUILT_KEYS = ("longtail", "max_count", "min_count", "pareto_b", "missing_rate", "split_seed", "val_size",
-              "skip_bad_images")
+              "skip_bad_images", "folds", "fold")
 
 
 def adopt_built(cfg: Config, explicit: Iterable[str] = ()) -> Config:
@@ -113,7 +113,7 @@ def benchmark_key(source: Source, params: BuildParams) -> str:
 
 
 def _key_parts(source: Source, params: BuildParams) -> dict[str, Any]:
-    parts: dict[str, Any] = {"builder": BUILDER_VERSION, "kind": source.kind, "params": asdict(params)}
+    parts: dict[str, Any] = {"builder": BUILDER_VERSION, "kind": source.kind, "params": params.hashed()}
     for name, split_source in (("pool", source.pool), ("test", source.test)):
         parts[name] = {**split_source.describe(), "sha256": checksum(split_source.annotation_files())}
     if params.rng_after_voc:
@@ -146,7 +146,12 @@ def _file_digest(path: Path) -> str:
 
 def _assemble(source: Source, params: BuildParams) -> BuildContent:
     log.info("reading labels: pool %s, test %s", source.pool.path, source.test.path)
-    pool, test = source.pool.read(), source.test.read()
+    if params.folds:
+        source, pool, test = fold_sets(source, params)
+        log.info("fold %d of %d: %d test images, %d in the training pool", params.fold, params.folds,
+                 test.num_images, pool.num_images)
+    else:
+        pool, test = source.pool.read(), source.test.read()
     _check_sources(source, pool, test)
     skipped: list[dict] = []
     train_rows, val_rows = _select_train_val(pool, source.pool.image_root, params, skipped)

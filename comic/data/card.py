@@ -7,7 +7,7 @@ the build parameters, the sources and their annotation checksums; card.md summar
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ def make_card(source: Source, params: BuildParams, content: BuildContent, skippe
     ids = content.pool.image_ids + content.test.image_ids
     return {
         "format_version": 1, "builder_version": BUILDER_VERSION, "benchmark": source.kind,
-        "parameters": asdict(params),
+        "parameters": params.hashed(),
         "sources": {"pool": source.pool.describe(), "test": source.test.describe()},
         "image_roots": {"pool": str(source.pool.image_root), "test": str(source.test.image_root)},
         "image_id_type": "int" if all(isinstance(i, int) for i in ids) else "str",
@@ -115,7 +115,7 @@ def card_summary(card: dict) -> str:
              f"Benchmark `{card['benchmark']}` from {card['sources']['pool']['path']} (pool of {sizes['pool']:,} "
              f"images) and {card['sources']['test']['path']} (test).", "",
              f"Long tail: {longtail}; missing rate {p['missing_rate']:g}; split seed {p['split_seed']}; "
-             f"validation size {p['val_size']}.", "",
+             f"validation size {p['val_size']}.", *_fold_line(p), "",
              "| split | images | full labels | observed labels |", "|---|---:|---:|---:|"]
     for split in ("train", "val", "test"):
         lines.append(f"| {split} | {sizes[split]:,} | {sum(counts[split]['full']):,} | "
@@ -132,6 +132,14 @@ def card_summary(card: dict) -> str:
         lines.append(f"| {names[c]} | {counts['train']['full'][c]} | {obs[c]} | {group_of[int(c)]} |")
     lines += ["", f"Hash `{card['hash']}`; chart `{CHART}`; manifest `{MANIFEST}`.", ""]
     return "\n".join(lines)
+
+
+def _fold_line(p: dict) -> list[str]:
+    if not p.get("folds"):
+        return []
+    return ["", f"Test fold {p['fold']} of {p['folds']}: the pool and test images of the sources together, cut into "
+                f"{p['folds']} disjoint test folds (split seed {p['split_seed']}); train and val come from the other "
+                "folds."]
 
 
 def write_chart(path: Path, card: dict) -> None:

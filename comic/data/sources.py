@@ -8,7 +8,7 @@ parameters of the build. Folder conventions per benchmark kind:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +162,23 @@ class BuildParams:
     rng_after_voc: str = ""
     voc_max_count: int = 1400
     voc_pareto_b: float = 12.0
+    folds: int = 0  # 0: the source's own test set; k >= 2: test fold `fold` of k (`comic.data.folds`)
+    fold: int = 0
 
     @classmethod
     def from_config(cls, data: DataConfig, **extra: Any) -> BuildParams:
         return cls(longtail=data.longtail, max_count=data.max_count, min_count=data.min_count,
                    pareto_b=data.pareto_b, missing_rate=data.missing_rate, split_seed=data.split_seed,
-                   val_size=data.val_size, skip_bad_images=data.skip_bad_images, **extra)
+                   val_size=data.val_size, skip_bad_images=data.skip_bad_images, folds=data.folds, fold=data.fold,
+                   **extra)
+
+    def hashed(self) -> dict[str, Any]:
+        """The parameters that identify a build; the fold keys only when folds are on, so that a build without
+        folds keeps the identity it had before folds existed."""
+        params = asdict(self)
+        if not self.folds:
+            del params["folds"], params["fold"]
+        return params
 
     def check(self) -> None:
         """Raise BenchmarkError naming the flag and config key of the first bad value."""
@@ -185,6 +196,9 @@ class BuildParams:
             raise BenchmarkError(f"Pareto shape {self.pareto_b} (--pareto-b / data.pareto_b): must be > 0")
         if self.val_size < 0 or self.split_seed < 0:
             raise BenchmarkError("--val-size / data.val_size and --split-seed / data.split_seed must be >= 0")
+        if self.folds == 1 or self.folds < 0 or not 0 <= self.fold < max(self.folds, 1):
+            raise BenchmarkError(f"folds {self.folds}, fold {self.fold} (--folds / data.folds, --fold / data.fold): "
+                                 "folds is 0 (the source's own test set) or k >= 2, and fold is in 0 .. k-1")
 
 
 def _read_text(path: Path) -> str:

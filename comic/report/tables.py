@@ -101,10 +101,12 @@ def differences_table(stats: pd.DataFrame, arms: Sequence[str], metrics: Sequenc
 
 
 def cells_table(rows: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFrame:
-    """One row per (arm, seed): state, the table's metrics, cell key and MLflow run id / link."""
+    """One row per (arm, fold when there are several, seed): state, the table's metrics, cell key and MLflow run."""
     out = []
+    folds = "fold" in rows and rows["fold"].nunique() > 1
     for r in rows.to_dict("records"):
-        row = {"arm": r["arm"], "seed": int(r["seed"]), "state": r.get("state", "")}
+        row = {"arm": r["arm"]} | ({"fold": int(r["fold"])} if folds else {})
+        row |= {"seed": int(r["seed"]), "state": r.get("state", "")}
         for label, key in metrics.items():
             value = r.get(key, math.nan)
             row[label] = f"{value:.2f}" if _ok(value) else DASH

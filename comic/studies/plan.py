@@ -1,4 +1,4 @@
-"""The grid of an ablation study and its content addresses: arms × seeds -> cells, each with a key.
+"""The grid of an ablation study and its content addresses: arms × folds × seeds -> cells, each with a key.
 
 A `Study` names its arms (variants: dicts of dotted overrides of the base config; benchmark variants: overrides of
 `data.*`, each building its own benchmark) and its seeds. Every (arm, seed) is a `Cell` whose key is the run
@@ -43,10 +43,13 @@ class Study:
     seeds: Sequence[int]
     benchmarks: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})
     reference: str | None = None
+    folds: int = 0  # k >= 2: every arm and seed on each of k disjoint test folds (`comic.data.folds`)
 
     def __post_init__(self) -> None:
         if not self.name or not self.variants or not self.benchmarks:
             raise ConfigError("a study needs a name, at least one variant and at least one benchmark variant")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"folds={self.folds}: give 0 (the benchmark's own test set) or k >= 2 (--folds)")
         seeds = list(self.seeds)
         if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
             raise ConfigError(f"seeds={seeds!r}: give distinct non-negative integers (--seeds 0 1 2)")
@@ -57,6 +60,13 @@ class Study:
             bad = [k for k in bench if not k.startswith("data.")]
             if bad:
                 raise ConfigError(f"benchmark variants may only set data.* keys, got {bad}; put them in a variant")
+
+    def fold_ids(self) -> list[int]:
+        """The test folds every arm runs on: 0 .. k-1, or [0] (the benchmark's own test set) without folds."""
+        return list(range(self.folds)) if self.folds else [0]
+
+    def fold_overrides(self, fold: int) -> dict[str, int]:
+        return {"data.folds": self.folds, "data.fold": fold} if self.folds else {}
 
     def arms(self) -> list[Arm]:
         """Benchmark-major order: each benchmark variant's arms in variant order."""
@@ -96,6 +106,7 @@ class Cell:
     config: Config
     key: str
     dataset: str  # content digest of the benchmark
+    fold: int = 0  # the test fold (0 without folds)
 
 
 # --------------------------------------------------------------------------------------------- content addresses
@@ -107,18 +118,20 @@ def cell_key(cfg: Config, dataset: str, code: str) -> str:
 
 
 def plan(study: Study, base: Config, code: str | None = None) -> list[Cell]:
-    """Every (arm, seed) cell of `study` on `base`, arm-major; builds each benchmark variant once if missing."""
+    """Every (arm, fold, seed) cell of `study` on `base`, arm-major then fold-major; builds each benchmark (variant
+    and fold) once if missing."""
     code = code or code_version()
     digests: dict[str, str] = {}
     cells = []
     for arm in study.arms():
-        for seed in study.seeds:
-            try:
-                cfg = apply_overrides(base, {**arm.overrides, "seed": seed})
-            except ConfigError as err:
-                raise ConfigError(f"arm {arm.name!r}: {err}") from err
-            data_id = stable_hash({k: v for k, v in to_flat_dict(cfg).items() if k.startswith("data.")})
-            if data_id not in digests:
-                digests[data_id] = benchmark_digest(cfg.data)
-            cells.append(Cell(arm, seed, cfg, cell_key(cfg, digests[data_id], code), digests[data_id]))
+        for fold in study.fold_ids():
+            for seed in study.seeds:
+                try:
+                    cfg = apply_overrides(base, {**arm.overrides, **study.fold_overrides(fold), "seed": seed})
+                except ConfigError as err:
+                    raise ConfigError(f"arm {arm.name!r}: {err}") from err
+                data_id = stable_hash({k: v for k, v in to_flat_dict(cfg).items() if k.startswith("data.")})
+                if data_id not in digests:
+                    digests[data_id] = benchmark_digest(cfg.data)
+                cells.append(Cell(arm, seed, cfg, cell_key(cfg, digests[data_id], code), digests[data_id], fold))
     return cells

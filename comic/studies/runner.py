@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,10 +28,13 @@ from typing import Any
 
 import pandas as pd
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from comic._io import atomic_write, atomic_write_text, stable_hash
 from comic.config import Config, absolute_paths, identity, identity_hash
 from comic.data.build import ensure_benchmark
+from comic.inference.scores import ARTIFACT_DIR as SCORES_ARTIFACT_DIR
+from comic.inference.scores import TEST_SCORES, TestScores, read_test_scores
 from comic.progress import progress as progress_bar
 from comic.studies.plan import Cell, Study, plan
 from comic.tracking import store
@@ -42,7 +47,7 @@ from comic.tuning.runner import run_configs
 
 log = logging.getLogger(__name__)
 
-CELLS_FILE, CURVES_FILE, PARENTS_FILE = "cells.parquet", "curves.parquet", "parents.json"
+CELLS_FILE, CURVES_FILE, PARENTS_FILE, SCORES_DIR = "cells.parquet", "curves.parquet", "parents.json", "scores"
 FINISHED, FAILED, PENDING = "finished", "failed", "pending"
 BACKENDS = ("local", "ray")
 # Per-epoch metrics kept for figures over training (Fig. 6): balanced / head / tail models, shot groups, loss.
@@ -169,12 +174,13 @@ class StudyRun:
     def _log_plan(self) -> None:
         assert self.parent is not None
         base = {k: v for k, v in identity(self.cells[0].config).items() if k != "seed"}
-        self.parent.log_params({"study": self.study.name, "seeds": list(self.study.seeds),
+        self.parent.log_params({"study": self.study.name, "seeds": list(self.study.seeds), "folds": self.study.folds,
                                 "arms": [a.name for a in self.study.arms()], "plan_hash": self.plan_hash})
         self.parent.log_dict({"study": self.study.name, "seeds": list(self.study.seeds),
                               "variants": dict(self.study.variants), "benchmarks": dict(self.study.benchmarks),
-                              "reference": self.study.reference, "first_arm_config": base,
-                              "cells": [{"arm": c.arm.name, "seed": c.seed, "key": c.key} for c in self.cells]},
+                              "reference": self.study.reference, "folds": self.study.folds, "first_arm_config": base,
+                              "cells": [{"arm": c.arm.name, "fold": c.fold, "seed": c.seed, "key": c.key}
+                                        for c in self.cells]},
                              "study.json")
         for data in {c.dataset: c.config.data for c in self.cells}.values():  # each distinct benchmark once
             log_benchmark(self.parent, ensure_benchmark(data))
@@ -203,12 +209,14 @@ class StudyRun:
         return self.rows()
 
     def _child_tags(self, cell: Cell) -> dict[str, str]:
+        folds = {"ablation.fold": str(cell.fold), "ablation.folds": str(self.study.folds)} if self.study.folds else {}
         return {"ablation.study": self.study.name, "ablation.cell": cell.key, "ablation.arm": cell.arm.name,
                 "ablation.variant": cell.arm.variant, "ablation.benchmark": cell.arm.benchmark,
-                "group_key": cell.arm.name, "code_version": self.code, "dataset_digest": cell.dataset}
+                "group_key": cell.arm.name, "code_version": self.code, "dataset_digest": cell.dataset} | folds
 
     def _run_name(self, cell: Cell) -> str:
-        return f"{cell.arm.name} seed={cell.seed}"
+        fold = f" fold={cell.fold}" if self.study.folds else ""
+        return f"{cell.arm.name}{fold} seed={cell.seed}"
 
     def _run_local(self, cells: list[Cell], on_cell: OnCell | None, progress: bool) -> None:
         for cell in progress_bar(cells, desc=f"{self.study.name} cells", unit="cell", enabled=progress):
@@ -280,7 +288,8 @@ class StudyRun:
     def _row(self, cell: Cell, state: str, run_id: str, metrics: Mapping[str, float], error: str,
              wall_s: float) -> dict[str, Any]:
         row = {"key": cell.key, "study": self.study.name, "arm": cell.arm.name, "variant": cell.arm.variant,
-               "benchmark": cell.arm.benchmark, "seed": cell.seed, "state": state, "run_id": run_id, "error": error,
+               "benchmark": cell.arm.benchmark, "fold": cell.fold, "seed": cell.seed, "state": state,
+               "run_id": run_id, "error": error,
                "wall_s": wall_s, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "code_version": self.code, "dataset_digest": cell.dataset, "identity": identity_hash(cell.config)}
         return row | {k: float(v) for k, v in metrics.items()}
@@ -300,12 +309,41 @@ class StudyRun:
         for cell in self.cells:
             stored = dict(self.store.rows.get(cell.key, {"state": PENDING, "run_id": ""}))
             stored |= {"key": cell.key, "arm": cell.arm.name, "variant": cell.arm.variant,
-                       "benchmark": cell.arm.benchmark, "seed": cell.seed}
+                       "benchmark": cell.arm.benchmark, "fold": cell.fold, "seed": cell.seed}
             run_id = stored.get("run_id") or ""
             stored["run_link"] = run_link(self.tracking_uri, self.experiment_id, run_id) if isinstance(
                 run_id, str) else ""
             out.append(stored)
         return pd.DataFrame(out)
+
+    def test_scores(self) -> dict[str, TestScores]:
+        """cell key -> the per-image test scores of every finished cell that has them (`comic.inference.scores`): the
+        study's own copy `scores/<key>.npz`, else the cell's work directory (backend local) or its MLflow run's
+        artifact (backend ray), copied into the study once. A cell without them (an older version's) is left out."""
+        out = {}
+        for key, row in self.store.rows.items():
+            if row.get("state") != FINISHED:
+                continue
+            path = self.dir / SCORES_DIR / f"{key}.npz"
+            if not path.is_file() and not self._fetch_scores(key, str(row.get("run_id") or ""), path):
+                continue
+            out[key] = read_test_scores(path)
+        return out
+
+    def _fetch_scores(self, key: str, run_id: str, path: Path) -> bool:
+        local = self.dir / "cells" / key / TEST_SCORES
+        if local.is_file():
+            atomic_write(path, lambda tmp: shutil.copyfile(local, tmp))
+            return True
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                got = store.client(self.tracking_uri).download_artifacts(
+                    run_id, f"{SCORES_ARTIFACT_DIR}/{TEST_SCORES}", tmp)
+                atomic_write(path, lambda dst: shutil.copyfile(got, dst))
+            return True
+        except (MlflowException, OSError) as err:
+            log.warning("cell %s: no test scores (%s); it is left out of the test-image statistics", key, err)
+            return False
 
     def curves(self) -> pd.DataFrame:
         """Per-epoch curves (key, epoch, metric, value) joined with the plan's arm and seed."""

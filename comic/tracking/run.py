@@ -23,6 +23,8 @@ from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
 from comic.engine import FitResult, Report, fit
+from comic.inference.scores import ARTIFACT_DIR as SCORES_ARTIFACT_DIR
+from comic.inference.scores import TEST_SCORES
 from comic.presets import SMOKE_OVERRIDES
 from comic.report import plots
 from comic.tracking.client import RunTracker
@@ -177,8 +179,11 @@ def _tags(cfg: Config, card: dict, extra: dict[str, str] | None) -> dict[str, st
 
 
 def log_artifacts(tracker: RunTracker, result: FitResult) -> None:
-    """Per-class AP table (Parquet + CSV; AP in %) and the plots: mAP curves, shot groups, corrections, class
-    distribution."""
+    """Per-class AP table (Parquet + CSV; AP in %), the per-image test scores (`comic.inference.scores`) and the
+    plots: mAP curves, shot groups, corrections, class distribution."""
+    scores = result.workdir / TEST_SCORES if result.workdir is not None else None
+    if scores is not None and scores.is_file():
+        tracker.log_artifact(scores, SCORES_ARTIFACT_DIR)
     best = result.per_class.get("best")
     if best:  # AP in %, like every mAP the run logs
         tracker.log_table({k: [100.0 * v for v in vs] if k.endswith("_ap") else vs for k, vs in best.items()},
