@@ -33,8 +33,7 @@ from mlflow.exceptions import MlflowException
 from comic._io import atomic_write, atomic_write_text, stable_hash
 from comic.config import Config, absolute_paths, identity, identity_hash
 from comic.data.build import ensure_benchmark
-from comic.inference.scores import ARTIFACT_DIR as SCORES_ARTIFACT_DIR
-from comic.inference.scores import TEST_SCORES, TestScores, read_test_scores
+from comic.engine import SCORES_ARTIFACT_DIR, TEST_SCORES, BestTestScores, read_test_scores
 from comic.progress import progress as progress_bar
 from comic.studies.plan import Cell, Study, plan
 from comic.tracking import store
@@ -316,8 +315,8 @@ class StudyRun:
             out.append(stored)
         return pd.DataFrame(out)
 
-    def test_scores(self) -> dict[str, TestScores]:
-        """cell key -> the per-image test scores of every finished cell that has them (`comic.inference.scores`): the
+    def test_scores(self) -> dict[str, BestTestScores]:
+        """cell key -> the per-image test scores of every finished cell that has them (`comic.engine`): the
         study's own copy `scores/<key>.npz`, else the cell's work directory (backend local) or its MLflow run's
         artifact (backend ray), copied into the study once. A cell without them (an older version's) is left out."""
         out = {}

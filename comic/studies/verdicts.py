@@ -1,5 +1,5 @@
 """A study's claims decided over test images as well as seeds: per-fold and pooled verdicts from the cells' per-image
-test scores (`comic.inference.scores`, statistics in `comic.report.bootstrap`).
+test scores (`comic.engine`, statistics in `comic.report.bootstrap`).
 
 Every arm is paired with its reference arm (and the spec's `also_against` arm) on the columns that are an mAP of
 the test images (total, many / medium / few, average). For each fold: the seed-paired t-test as in the other tables
@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from comic.inference.scores import TestScores
+from comic.engine import BestTestScores
 from comic.report import tables
 from comic.report.bootstrap import Bootstrapper, FoldScores, PooledDiff
 
@@ -34,9 +34,9 @@ def bootstrap_columns(columns: Mapping[str, str]) -> dict[str, str]:
     return {label: key for label, key in columns.items() if key in BOOTSTRAP_METRICS}
 
 
-def arm_folds(rows: pd.DataFrame, scores: Mapping[str, TestScores]) -> dict[str, dict[int, FoldScores]]:
+def arm_folds(rows: pd.DataFrame, scores: Mapping[str, BestTestScores]) -> dict[str, dict[int, FoldScores]]:
     """arm -> fold -> its seeds' test scores, from the finished cells (rows: key, arm, fold, seed, state)."""
-    grouped: dict[str, dict[int, dict[int, TestScores]]] = {}
+    grouped: dict[str, dict[int, dict[int, BestTestScores]]] = {}
     for row in rows.to_dict("records"):
         if row["key"] in scores:
             grouped.setdefault(row["arm"], {}).setdefault(int(row["fold"]), {})[int(row["seed"])] = scores[row["key"]]
@@ -50,7 +50,7 @@ def arm_folds(rows: pd.DataFrame, scores: Mapping[str, TestScores]) -> dict[str,
     return out
 
 
-def decide(rows: pd.DataFrame, scores: Mapping[str, TestScores], columns: Mapping[str, str],
+def decide(rows: pd.DataFrame, scores: Mapping[str, BestTestScores], columns: Mapping[str, str],
            references: Mapping[str, str | None], bootstrapper: Bootstrapper | None = None) -> pd.DataFrame:
     """One row per (arm, metric label, fold or 'pooled'): the difference against the arm's reference, its bootstrap
     CI, the seed t-test (folds), the fold signs and the verdict (pooled). Pass one `bootstrapper` to every call of a

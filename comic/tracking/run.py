@@ -22,9 +22,7 @@ from comic.config import Config, identity, load_config, to_dict, to_flat_dict
 from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
-from comic.engine import FitResult, Report, fit
-from comic.inference.scores import ARTIFACT_DIR as SCORES_ARTIFACT_DIR
-from comic.inference.scores import TEST_SCORES
+from comic.engine import SCORES_ARTIFACT_DIR, TEST_SCORES, FitResult, Report, fit
 from comic.presets import SMOKE_OVERRIDES
 from comic.report import plots
 from comic.tracking.client import RunTracker
@@ -179,7 +177,7 @@ def _tags(cfg: Config, card: dict, extra: dict[str, str] | None) -> dict[str, st
 
 
 def log_artifacts(tracker: RunTracker, result: FitResult) -> None:
-    """Per-class AP table (Parquet + CSV; AP in %), the per-image test scores (`comic.inference.scores`) and the
+    """Per-class AP table (Parquet + CSV; AP in %), the per-image test scores (`comic.engine`) and the
     plots: mAP curves, shot groups, corrections, class distribution."""
     scores = result.workdir / TEST_SCORES if result.workdir is not None else None
     if scores is not None and scores.is_file():

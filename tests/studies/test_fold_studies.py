@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from comic.inference.scores import read_test_scores
+from comic.engine import read_test_scores
 from comic.metrics import evaluate_scores
 
 mlflow = pytest.importorskip("mlflow")

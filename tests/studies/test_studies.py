@@ -18,6 +18,7 @@ import torch
 
 from comic.checkpoint import load_best
 from comic.config import ConfigError, apply_overrides, load_config
+from comic.metrics import evaluate_scores
 from comic.report.stats import aggregate
 from comic.studies import cli, runner
 from comic.studies.plan import Study, cell_key, plan
@@ -220,6 +221,13 @@ def test_ray_backend_end_to_end(ray_local, smoke_overrides, tmp_path):
     assert all(client.get_run(r).data.tags["model_uri"].startswith("models:/m-") for r in rows["run_id"])
     parent_data = client.get_run(run.parent.run_id).inputs.dataset_inputs
     assert [d.dataset.name for d in parent_data] == [child.inputs.dataset_inputs[0].dataset.name]
+    # A Ray trial's work directory is gone: its per-image test scores come from its MLflow run, and give back the
+    # test mAP it logged.
+    scores = run.test_scores()
+    assert sorted(scores) == sorted(rows["key"]) and all((run.dir / "scores" / f"{k}.npz").is_file() for k in scores)
+    for key, logged in zip(rows["key"], rows["best/test/map"], strict=True):
+        kept = scores[key]
+        assert evaluate_scores(kept.scores, kept.targets, kept.train_counts)["map"] == logged
 
 
 # --------------------------------------------------------------------------------------------- the loss arms
