@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import mlflow
 import pandas as pd
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -38,6 +39,7 @@ from comic.progress import progress as progress_bar
 from comic.studies.plan import Cell, Study, plan
 from comic.tracking import store
 from comic.tracking.client import ERROR_TAG, RunTracker
+from comic.tracking.model import tracking
 from comic.tracking.provenance import code_version, command_line, run_tags
 from comic.tracking.run import RUN_ID_FILE, log_benchmark, tracked_fit
 from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri, run_link, search_all_runs
@@ -335,9 +337,9 @@ class StudyRun:
             atomic_write(path, lambda tmp: shutil.copyfile(local, tmp))
             return True
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                got = store.client(self.tracking_uri).download_artifacts(
-                    run_id, f"{SCORES_ARTIFACT_DIR}/{TEST_SCORES}", tmp)
+            with tempfile.TemporaryDirectory() as tmp, tracking(self.tracking_uri):  # no download progress bars
+                got = mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=tmp,
+                                                          artifact_path=f"{SCORES_ARTIFACT_DIR}/{TEST_SCORES}")
                 atomic_write(path, lambda dst: shutil.copyfile(got, dst))
             return True
         except (MlflowException, OSError) as err:
