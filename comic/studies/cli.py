@@ -82,7 +82,7 @@ def plan_label(args: argparse.Namespace) -> str:
     pairs = (item.strip().partition("=") for item in args.overrides)
     shown = [f"{key}={Path(value).name if '/' in value else value}" for key, _, value in pairs
              if key.strip() not in EXECUTION_KEYS]
-    folds = [f"folds={args.folds}"] if getattr(args, "folds", 0) else []
+    folds = [f"folds={args.folds}"] if args.folds else []
     return " ".join(["smoke-test" if args.smoke_test else args.preset, *shown, *folds])
 
 

@@ -222,11 +222,16 @@ def _compose(spec: AblationSpec, args: argparse.Namespace, study_run: StudyRun, 
               tables.markdown(cells)]
     if len(failed):
         parts += ["", f"{len(failed)} cell(s) FAILED (rerun the same command to retry them):"]
-        parts += [f"  {r['arm']}{' fold ' + str(r['fold']) if study.folds else ''} "
-                  f"seed {r['seed']}: {r['error']}" for r in failed.to_dict("records")]
+        parts += [f"  {_cell_name(r, study.folds)}: {r['error']}" for r in failed.to_dict("records")]
     if figures:
         parts += ["", "Figure: " + ", ".join(figures)]
     return "\n".join(parts)
+
+
+def _cell_name(row: Mapping[str, Any], folds: int) -> str:
+    """'-HTB seed 1', or with folds '-HTB fold 2 seed 1'."""
+    fold = f" fold {row['fold']}" if folds else ""
+    return f"{row['arm']}{fold} seed {row['seed']}"
 
 
 def _caution(seeds: Sequence[int]) -> list[str]:
