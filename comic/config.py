@@ -91,9 +91,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _spec("resnet50", None, "trunk: any torchvision classification model (resnet50, mobilenet_v2, "
-                                          "convnext_tiny, ...) or 'tiny' (a small CNN for CPU demos)")
-    weights: str = _spec("imagenet", None, "'none', 'imagenet' or a path to a state dict file")
+    backbone: str = _spec("resnet50", None, "trunk: a torchvision classification model (resnet50, mobilenet_v2, ...), "
+                                          "timm/<any timm model> (timm/tf_efficientnet_lite2) or 'tiny' (CPU demos)")
+    weights: str = _spec("imagenet", None, "'none', 'imagenet' (torchvision's; timm's: the hub) or a state dict file")
     profile: str = _spec("released", _one_of("released", "finetune", "frozen"),
                          "released: one frozen trunk (train-mode BatchNorm) shared by the models + trainable feature "
                          "layers; finetune: everything trains; frozen: trunk features cached once (eval-mode "

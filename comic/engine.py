@@ -40,6 +40,7 @@ from comic.device import Runtime, peak_memory_mb, reset_peak_memory, setup_runti
 from comic.meters import CorrectionMeter, LossMeter
 from comic.methods import Criterion, DataStats, Method, Model, build_method
 from comic.metrics import average_precision, chance_map, evaluate_scores, shot_groups
+from comic.models.backbone import trunk_preprocess
 from comic.progress import progress
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,8 @@ def setup(cfg: Config) -> Setup:
     if features is not None:
         loaders = build_feature_loaders(bench, features, cfg.train.batch_size, cfg.seed)
     else:
-        loaders = build_loaders(bench, cfg.data, cfg.train.batch_size, cfg.seed, pin_memory=rt.is_cuda)
+        loaders = build_loaders(bench, cfg.data, cfg.train.batch_size, cfg.seed, pin_memory=rt.is_cuda,
+                                prep=trunk_preprocess(cfg.model, cfg.data.image_size))
     model, criterion = method.model.to(rt.device), method.criterion.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -1,9 +1,13 @@
-"""THE method registry: name -> builder(cfg, stats) -> Method(model, criterion, hooks).
+"""THE method registry: name -> builder(cfg, stats) -> Method(model, criterion, hooks), and each entry's search space.
 
 Baselines are entries. COMIC ablations are not: they are overrides of `comic` (`rlc.enabled=false`), so the full and
 the ablated method share one code path. Unknown or duplicate names raise and list the valid names.
 A baseline's loss hyperparameters come from `loss.baseline` (e.g. `loss.baseline.gamma_neg=2` for `asl`); the loss
 class's keyword arguments are the schema, so a misspelt key raises naming the valid ones.
+
+Every entry declares its hyperparameters and their ranges once (`search_space`, in `comic.tuning.space`'s format:
+`{key: {uniform|loguniform|int: [low, high]}}`): the optimizer's learning rates and decay, and the loss's own
+parameters; sweeps and the equal-budget tuning study read them from here.
 """
 
 from __future__ import annotations
@@ -95,15 +99,26 @@ class Method:
 
 Builder = Callable[[Config, DataStats], Method]
 METHODS: dict[str, Builder] = {}
+SPACES: dict[str, dict[str, Any]] = {}  # name -> dotted config key -> range
+LOSSES: dict[str, type] = {}  # name -> the loss class whose keyword arguments `loss.baseline.*` set
+
+# Every method's optimizer (frozen trunk: the heads): around a decade each side of the defaults (1e-3, 1e-4, 1e-4).
+OPTIM_SPACE: dict[str, Any] = {"optim.lr_feature": {"loguniform": [1e-4, 1e-2]},
+                               "optim.lr_classifier": {"loguniform": [1e-5, 1e-2]},
+                               "optim.weight_decay": {"loguniform": [1e-6, 1e-3]}}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder under `name`; a duplicate name raises."""
+def register(name: str, space: dict[str, Any] | None = None,
+             loss: type | None = None) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder under `name` with its search space (OPTIM_SPACE plus `space`); `loss`: the loss
+    class `loss.baseline.*` configures (its keyword defaults are the space's default point). A duplicate raises."""
 
     def add(builder: Builder) -> Builder:
         if name in METHODS:
             raise KeyError(f"method '{name}' is already registered")
-        METHODS[name] = builder
+        METHODS[name], SPACES[name] = builder, OPTIM_SPACE | (space or {})
+        if loss is not None:
+            LOSSES[name] = loss
         return builder
 
     return add
@@ -111,6 +126,22 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 def list_methods() -> list[str]:
     return sorted(METHODS)
+
+
+def search_space(method: str) -> dict[str, Any]:
+    """The hyperparameters `method` is tuned over and their ranges; an unknown name raises listing the valid ones."""
+    if method not in SPACES:
+        raise KeyError(f"unknown method '{method}'; valid methods: {', '.join(list_methods())}")
+    return dict(SPACES[method])
+
+
+def loss_defaults(cfg: Config) -> dict[str, Any]:
+    """`loss.baseline.<name>` -> the value `cfg.method`'s loss uses: set in `cfg.loss.baseline`, else the loss class's
+    keyword default (what a search space's default point needs for keys the config leaves unset)."""
+    loss = LOSSES.get(cfg.method)
+    params = inspect.signature(loss.__init__).parameters.values() if loss else ()
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+    return {f"loss.baseline.{k}": v for k, v in (defaults | cfg.loss.baseline).items()}
 
 
 def build_method(cfg: Config, stats: DataStats) -> Method:
@@ -148,7 +179,10 @@ def _class_aware(epoch: int) -> str:
     return "class-aware"
 
 
-@register("comic")
+@register("comic", space={
+    "htb.alpha": {"uniform": [0.5, 4.0]}, "rlc.tau": {"uniform": [0.5, 0.95]},
+    "mfm.gamma_neg": {"uniform": [1.0, 5.0]}, "mfm.gamma_pos": {"uniform": [0.0, 2.0]},
+    "loss.lambda_b": {"loguniform": [0.05, 2.0]}, "loss.lambda_c": {"loguniform": [0.02, 1.0]}})
 def _comic(cfg: Config, stats: DataStats) -> Method:
     model = ComicNet(cfg.model, stats.num_classes, stats.input_width)
     return Method(model, losses.ComicCriterion.from_config(cfg, stats.counts_tensor()))
@@ -160,25 +194,41 @@ def _register_plain_baselines() -> None:
     the DB reference); P-ASL gets the observed class frequencies as its prior (the ignore-mode prior of the reference
     is degenerate without annotated negatives)."""
     counts = {"class_counts": lambda s: s.counts_tensor(), "num_images": lambda s: s.num_images}
-    register("bce")(_plain(losses.BCE))
-    register("focal")(_plain(losses.Focal))
-    register("asl")(_plain(losses.ASL))
-    register("hill")(_plain(losses.Hill))
-    register("splc")(_plain(losses.SPLC))
-    register("pseudo-label")(_plain(losses.PseudoLabel))
+    for name, loss_cls, space in _PLAIN:
+        register(name, _loss_space(space), loss_cls)(_plain(loss_cls))
     # Summed like every other loss here: with Adam and coupled L2, DB's reference mean (the sum / B*C) would make
     # weight decay B*C times stronger relative to its gradient than for the others (loss.baseline.reduction=mean
     # restores the reference).
-    register("db")(_plain(losses.DB, sampler=_class_aware, reduction="sum", **counts))
-    register("db-focal")(_plain(losses.DBFocal, sampler=_class_aware, reduction="sum", **counts))
+    db_space = {"mu": [0.05, 0.5], "neg_scale": [0.5, 5.0], "init_bias": [0.01, 0.2]}
+    register("db", _loss_space(db_space), losses.DB)(
+        _plain(losses.DB, sampler=_class_aware, reduction="sum", **counts))
+    register("db-focal", _loss_space(db_space | {"gamma": [0.0, 4.0]}), losses.DBFocal)(
+        _plain(losses.DBFocal, sampler=_class_aware, reduction="sum", **counts))
     prior = {"class_prior": lambda s: losses.PartialASL.prior_from_counts(s.counts_tensor(), s.num_images)}
-    register("p-asl")(_plain(losses.PartialASL, **prior))
+    p_asl = {"gamma_unann": [1.0, 6.0], "prior_threshold": [0.2, 0.8], "likelihood_topk": [1.0, 10.0]}
+    register("p-asl", _loss_space(p_asl), losses.PartialASL)(_plain(losses.PartialASL, **prior))
+
+
+def _loss_space(ranges: dict[str, list[float]]) -> dict[str, Any]:
+    """A loss's own parameters (uniform ranges) as `loss.baseline.*` keys."""
+    return {f"loss.baseline.{k}": {"uniform": v} for k, v in ranges.items()}
+
+
+# The plain baselines, their losses and those losses' own parameters (ranges around each paper's defaults).
+_PLAIN: tuple[tuple[str, type, dict[str, list[float]]], ...] = (
+    ("bce", losses.BCE, {}),
+    ("focal", losses.Focal, {"gamma": [0.0, 5.0]}),
+    ("asl", losses.ASL, {"gamma_neg": [0.0, 6.0], "gamma_pos": [0.0, 2.0], "clip": [0.0, 0.2]}),
+    ("hill", losses.Hill, {"hill_lambda": [1.0, 2.0], "margin": [0.5, 2.0], "gamma": [0.0, 4.0]}),
+    ("splc", losses.SPLC, {"tau": [0.5, 0.95], "margin": [0.5, 2.0], "gamma": [0.0, 4.0]}),
+    ("pseudo-label", losses.PseudoLabel, {"tau": [0.5, 0.99], "final_weight": [0.1, 1.0]}),
+)
 
 
 _register_plain_baselines()
 
 
-@register("ml-gcn")
+@register("ml-gcn", loss=losses.BCE)
 def _ml_gcn(cfg: Config, stats: DataStats) -> Method:
     """ML-GCN: the classifier comes from a GCN over label embeddings (`model.label_embeddings`) and the correlation
     matrix of the observed training labels (threshold 0.4, p = 0.25); loss BCE."""
@@ -187,7 +237,7 @@ def _ml_gcn(cfg: Config, stats: DataStats) -> Method:
     return Method(model, losses.LossCriterion(losses.BCE(**loss_kwargs(cfg, losses.BCE)), "bce"))
 
 
-@register("lws")
+@register("lws", loss=losses.BCE)
 def _lws(cfg: Config, stats: DataStats) -> Method:
     """LWS (Kang et al. 2020): BCE training of BaselineNet, then for the last `loss.baseline.stage2_epochs` epochs
     (default a fifth, at least 1) a per-class logit scale learned on the frozen network with class-aware sampling."""

@@ -35,6 +35,7 @@ from comic.device import setup_runtime
 from comic.engine import evaluate
 from comic.inference.bundle import ModelBundle
 from comic.metrics import shot_groups
+from comic.models.backbone import trunk_preprocess
 from comic.report.tables import RUN_GROUPS, text
 from comic.tracking.client import RunTracker
 from comic.tracking.model import MODEL_URI_TAG, bundle_path, link_model_input
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     engine = apply_overrides(bundle.cfg, {"engine.device": args.device, "engine.threads": 0}).engine
     rt = setup_runtime(engine, bundle.cfg.seed)
     network = bundle.network().to(rt.device)
-    loader = build_loaders(bench, data, EVAL_BATCH, bundle.cfg.seed)[args.split]
+    prep = trunk_preprocess(bundle.cfg.model, data.image_size)
+    loader = build_loaders(bench, data, EVAL_BATCH, bundle.cfg.seed, prep=prep)[args.split]
     counts = np.asarray(bundle.train_counts)
     metrics, ap = evaluate(network, loader, rt, counts, args.split)
     print(f"{args.model} on {bench.root.name} ({args.split}, {len(loader.dataset)} images):")

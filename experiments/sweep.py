@@ -9,8 +9,10 @@ Examples:
   python experiments/sweep.py --preset plt-coco --data ~/data/coco --storage-path s3://BUCKET/comic/ray_results \\
       --gpus-per-trial 0.5 --cpus-per-trial 4 --num-samples 64 --confirm-top 3 --seeds 0 1 2
 
-The search space (default: htb.alpha [0.5, 4], rlc.tau [0.5, 0.95], mfm.gamma_neg [1, 5], mfm.gamma_pos [0, 2])
-can be replaced with --space FILE.yaml, one dotted config key per line:
+The search space (default: the one the method registry declares for the method; for COMIC htb.alpha [0.5, 4],
+rlc.tau [0.5, 0.95], mfm.gamma_neg [1, 5], mfm.gamma_pos [0, 2], loss.lambda_b [0.05, 2], loss.lambda_c [0.02, 1]
+and the optimizer's lr_feature, lr_classifier, weight_decay; `--list-spaces` prints every method's) can be replaced
+with --space FILE.yaml, one dotted config key per line:
   htb.alpha: [0.5, 4.0]                       # uniform
   optim.lr_feature: {loguniform: [1.0e-4, 1.0e-2]}
   model.groups: {int: [1, 4]}
@@ -50,7 +52,7 @@ from comic.config import ConfigError
 from comic.tracking.store import experiment_link, ui_command
 from comic.tuning.cluster import Resources, TuneInterrupted, is_remote_path, ray_session
 from comic.tuning.results import format_confirm, format_trials
-from comic.tuning.space import DEFAULT_SPACE, load_space, parse_space, with_learning_rate
+from comic.tuning.space import format_spaces, load_space, method_space, with_learning_rate
 from comic.tuning.sweep import SweepResult, SweepSpec, dashboard_command, load_sweep, resolved, run_sweep
 
 # The synthetic preset's 30-epoch schedule scaled to 10 epochs (LR steps 24/18/18/24 -> 8/6/6/8).
@@ -67,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      parents=parents)
     parser.add_argument("--full-schedule", action="store_true", help="synthetic preset: keep its 30-epoch schedule")
     search = parser.add_argument_group("search")
-    search.add_argument("--space", help="search space YAML (see above); default: alpha / tau / gamma_neg / gamma_pos")
+    search.add_argument("--space", help="search space YAML (see above); default: the method's own")
+    search.add_argument("--list-spaces", action="store_true", help="print every method's search space and exit")
     search.add_argument("--tune-lr", action="store_true",
                         help="also search optim.lr_feature on a log scale over [default / 10, default * 10]")
     search.add_argument("--num-samples", type=int, help="number of trials (default 12; smoke test 4)")
@@ -110,7 +113,7 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
     base = base_config(args, demo)
     if not (args.register_model or args.no_register_model):
         confirm["register_model"] = f"{base.method}-{'smoke' if args.smoke_test else args.preset}"
-    space = load_space(args.space, base) if args.space else parse_space(DEFAULT_SPACE, base)
+    space = load_space(args.space, base) if args.space else method_space(base)
     if args.tune_lr:
         space = with_learning_rate(space, base)
     concurrent = args.max_concurrent or smoke.get("max_concurrent", 0)
@@ -194,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_keys:
         print(list_keys(args))
+        return 0
+    if args.list_spaces:
+        print(format_spaces())
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -43,6 +43,6 @@ def pyfunc_agrees_with_scripts(uri: str, model_uri: str, photos: list[Path], scr
     assert np.allclose([[float(r[c]) for c in classes] for r in rows], by_path[classes], atol=1e-6)
     split = Split(list(range(len(photos))), photos, np.zeros((3, len(classes)), np.uint8),
                   np.zeros((3, len(classes)), np.uint8))
-    loader = torch.utils.data.DataLoader(ImageDataset(split, bundle.image_size, train=False), batch_size=2)
+    loader = torch.utils.data.DataLoader(ImageDataset(split, bundle.preprocess(), train=False), batch_size=2)
     scores, _ = predict(bundle.network(), loader, runtime(bundle.cfg.engine))
     assert np.allclose(scores["logits"], by_path[classes], atol=1e-6)

@@ -15,7 +15,8 @@ from comic.data.reader import load_benchmark
 from comic.data.sampler import ClassAwareSampler
 from comic.engine import _train_loader, fit
 from comic.losses import DB, PartialASL
-from comic.methods import METHODS, DataStats, build_method, list_methods, register
+from comic.methods import METHODS, DataStats, build_method, list_methods, register, search_space
+from comic.tuning.space import default_point, parse_space
 
 EXPECTED = {"comic", "bce", "focal", "asl", "db", "db-focal", "lws", "pseudo-label", "ml-gcn", "hill", "splc", "p-asl"}
 
@@ -32,6 +33,31 @@ def test_registry_holds_the_paper_baselines_and_raises_loudly():
         build_method(load_config("synthetic", ["method=dbfocal"]), _stats())
     with pytest.raises(KeyError, match="method 'bce' is already registered"):
         register("bce")(METHODS["bce"])
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_every_entry_declares_a_search_space_that_builds_at_its_corners(method):
+    """The space parses against the preset configs, holds every default (the sweep's first point), and the method
+    builds at both ends of every range (a loss parameter its loss does not take, or a bad value, would raise)."""
+    space = search_space(method)
+    assert {"optim.lr_feature", "optim.lr_classifier", "optim.weight_decay"} <= set(space)
+    for preset in ("synthetic", "voc2007-dev-lt"):
+        base = load_config(preset, [f"method={method}", "model.label_embeddings=random"])
+        dims = parse_space(space, base)
+        assert default_point(dims, base) is not None, preset
+    for end in ("low", "high"):
+        cfg = load_config("synthetic", {"method": method} | {k: getattr(d, end) for k, d in dims.items()})
+        build_method(cfg, _stats())
+    with pytest.raises(KeyError, match="unknown method 'nope'"):
+        search_space("nope")
+
+
+def test_a_loss_parameter_left_unset_is_searched_from_the_loss_default():
+    base = load_config("synthetic", ["method=asl", "loss.baseline.clip=0.1"])
+    point = default_point(parse_space(search_space("asl"), base), base)
+    # ASL's published defaults (Ridnik et al. 2021): gamma- 4, gamma+ 0; clip as set here
+    assert (point["loss.baseline.gamma_neg"], point["loss.baseline.gamma_pos"], point["loss.baseline.clip"]) == \
+        (4.0, 0.0, 0.1)
 
 
 def test_baseline_hyperparameters_come_from_loss_baseline_and_typos_raise():

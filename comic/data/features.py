@@ -8,7 +8,8 @@ computed once per benchmark and recipe and every trial of a sweep or ablation tr
     test.npy   [N_test, D]
     meta.json                   the key's parts, shapes, the split rows present, extraction time
 float16, memory-mapped .npy files in `<data.cache_dir>/features/<backbone>-<key>/`, the key a hash of the images of
-each split (and the source annotations' checksums), the backbone, weights, image size, crop recipe and K: benchmarks
+each split (and the source annotations' checksums), the backbone, weights, the trunk's preprocessing (image size;
+resize, interpolation and normalisation when not torchvision's ImageNet recipe), crop recipe and K: benchmarks
 that differ only in their labels (another missing rate) share one cache. The first process that needs a cache
 builds it under a file lock (a sweep or ablation driver does so before its trials), into a temporary folder renamed
 at the end; a missing or damaged file is rebuilt with a warning that names it.
@@ -31,10 +32,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from comic._io import UserError, absolute_path, file_lock, make_temp_dir, publish_dir, stable_hash
 from comic.config import Config
 from comic.data.build import ensure_benchmark
-from comic.data.images import ImageDataset, SeededSampler, build_datasets
+from comic.data.images import ImageDataset, Preprocess, SeededSampler, build_datasets
 from comic.data.reader import Benchmark, Split, load_benchmark
 from comic.device import Runtime, runtime
-from comic.models.backbone import build_trunk, weights_id
+from comic.models.backbone import build_trunk, trunk_preprocess, weights_id
 from comic.progress import progress
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,27 @@ class FeatureRecipe:
     image_size: int
     crop_scale_min: float  # train views: RandomResizedCrop(image_size, scale=(crop_scale_min, 1)) + flip
     views: int  # K
+    preprocess: tuple[tuple[str, Any], ...] = ()  # the trunk's pixels when not torchvision's recipe at image_size
 
     @classmethod
     def of(cls, cfg: Config) -> FeatureRecipe:
+        prep = trunk_preprocess(cfg.model, cfg.data.image_size)
+        described = () if prep.is_torchvision else tuple((k, v) for k, v in prep.describe().items() if k != "size")
         return cls(cfg.model.backbone, weights_id(cfg.model), cfg.data.image_size, cfg.data.crop_scale_min,
-                   cfg.data.feature_views)
+                   cfg.data.feature_views, described)
+
+    def pixels(self) -> Preprocess:
+        """The preprocessing the cached features were computed with."""
+        return Preprocess(self.image_size, **{k: tuple(v) if isinstance(v, list) else v for k, v in self.preprocess})
+
+    def describe(self) -> dict[str, Any]:
+        """The recipe as plain values; a torchvision recipe keeps the key it always had (no 'preprocess' entry)."""
+        out = asdict(self)
+        if self.preprocess:
+            out["preprocess"] = dict(self.preprocess)
+        else:
+            del out["preprocess"]
+        return out
 
 
 def feature_key(bench: Benchmark, recipe: FeatureRecipe) -> str:
@@ -72,7 +89,8 @@ def feature_key(bench: Benchmark, recipe: FeatureRecipe) -> str:
     the format version; not the labels, so another missing rate of the same images finds the same features."""
     images = {name: [p.name for p in bench.split(name).paths] for name in SPLITS}
     sources = bench.card.get("source_sha256", {})
-    return stable_hash({"images": images, "sources": sources, "recipe": asdict(recipe), "version": FEATURES_VERSION})
+    return stable_hash({"images": images, "sources": sources, "recipe": recipe.describe(),
+                        "version": FEATURES_VERSION})
 
 
 def feature_folder(bench: Benchmark, cfg: Config) -> Path:
@@ -152,7 +170,7 @@ def _open(folder: Path) -> FeatureCache | None:
 def _build(folder: Path, bench: Benchmark, cfg: Config, recipe: FeatureRecipe, rt: Runtime) -> None:
     start = time.perf_counter()
     trunk, width = frozen_trunk(cfg, rt)
-    datasets = build_datasets(bench, cfg.data)  # decoded-image caches (built on first use)
+    datasets = build_datasets(bench, cfg.data, prep=recipe.pixels())  # decoded-image caches (built on first use)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(folder.parent, folder.name)
     try:
@@ -160,8 +178,8 @@ def _build(folder: Path, bench: Benchmark, cfg: Config, recipe: FeatureRecipe, r
         with progress(total=total, desc=f"{recipe.backbone} features", unit="img") as bar:
             shapes = {name: _write_split(tmp / f"{name}.npy", trunk, ds, recipe.views if name == "train" else 0,
                                          width, rt, bar) for name, ds in datasets.items()}
-        meta = {"version": FEATURES_VERSION, "built_for": bench.root.name, "recipe": asdict(recipe), "shapes": shapes,
-                "rows": {name: list(ds.rows) for name, ds in datasets.items()},
+        meta = {"version": FEATURES_VERSION, "built_for": bench.root.name, "recipe": recipe.describe(),
+                "shapes": shapes, "rows": {name: list(ds.rows) for name, ds in datasets.items()},
                 "seconds": round(time.perf_counter() - start, 1), "device": str(rt.device)}
         (tmp / META).write_text(json.dumps(meta))
     except BaseException:

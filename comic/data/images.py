@@ -2,10 +2,13 @@
 
 Decoding JPEGs dominates the cost of small-model training, so each image is decoded and resized once into a
 memory-mapped Arrow IPC file of uint8 pixels per split:
-    train: shorter side round(256/224 * S) (aspect kept), RandomResizedCrop(S) + flip happen per item;
-    val / test: Resize(round(256/224 * S)) + CenterCrop(S) done in the cache, only normalisation per item.
+    train: shorter side R (aspect kept), RandomResizedCrop(S) + flip happen per item;
+    val / test: Resize(R) + CenterCrop(S) done in the cache, only normalisation per item.
+S, R, the interpolation and the normalisation are the trunk's (`Preprocess`): torchvision's ImageNet recipe
+(R = round(256/224 * S), bilinear, ImageNet mean / std) unless the trunk says otherwise (a timm trunk's data config).
 The cache lives in `<benchmark>/cache/` (or `<data.cache_dir>/image-cache/<benchmark>/` when the benchmark folder
-is read-only), is named by split, size and format version, and is written to a temporary file then renamed.
+is read-only), is named by split, S (R and interpolation when not torchvision's) and format version, and is written
+to a temporary file then renamed.
 `cache=False` runs the very same preprocessing on the JPEG file for every item (for the benchmark comparison).
 
 Randomness: the train sampler draws the order and one seed per item from (loader seed, epoch) only, and each
@@ -19,6 +22,7 @@ import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,14 +49,46 @@ _BATCH_ROWS = 256  # images per Arrow record batch: bounds the memory used while
 
 # ---------------------------------------------------------------------------------------- preprocessing ----
 
+INTERPOLATIONS = {"bilinear": (Image.BILINEAR, v2.InterpolationMode.BILINEAR),
+                  "bicubic": (Image.BICUBIC, v2.InterpolationMode.BICUBIC)}
+
+
 def resize_side(size: int) -> int:
     """Shorter side before cropping: 256 for a 224 crop, scaled with the crop size."""
     return round(256 / 224 * size)
 
 
-def decode(path: Path | BinaryIO, shorter: int) -> np.ndarray:
-    """Decode an image (a file, or a stream of its encoded bytes) and resize its shorter side to `shorter` (bilinear,
-    antialiased). Returns [H, W, 3] uint8.
+@dataclass(frozen=True)
+class Preprocess:
+    """How a trunk wants its pixels: crop side `size` (S), shorter side `resize` (R) before cropping, the resampling
+    filter, and the normalisation. Default: torchvision's ImageNet recipe at S."""
+
+    size: int
+    resize: int = 0  # 0: resize_side(size)
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.resize == 0:
+            object.__setattr__(self, "resize", resize_side(self.size))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r}: one of {', '.join(INTERPOLATIONS)}")
+
+    @property
+    def is_torchvision(self) -> bool:
+        """torchvision's ImageNet recipe (the caches of such runs keep the names they always had)."""
+        return self == Preprocess(self.size)
+
+    def describe(self) -> dict[str, object]:
+        """The recipe as plain values (a cache key's part, a run's record)."""
+        return {"size": self.size, "resize": self.resize, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def decode(path: Path | BinaryIO, shorter: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode an image (a file, or a stream of its encoded bytes) and resize its shorter side to `shorter` (bilinear
+    or bicubic, antialiased). Returns [H, W, 3] uint8.
 
     Raises BenchmarkError naming the file when it is missing or cannot be decoded.
     """
@@ -64,7 +100,7 @@ def decode(path: Path | BinaryIO, shorter: int) -> np.ndarray:
             new = (max(1, round(w * scale)), max(1, round(h * scale)))
             # JPEG DCT-domain downscaling to no less than the target: much cheaper than decoding full size.
             image.draft("RGB", new)
-            rgb = image.convert("RGB").resize(new, Image.BILINEAR)
+            rgb = image.convert("RGB").resize(new, INTERPOLATIONS[interpolation][0])
     except FileNotFoundError as err:
         raise BenchmarkError(f"{name}: missing image file") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -72,31 +108,34 @@ def decode(path: Path | BinaryIO, shorter: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def load_train_pixels(path: Path, size: int) -> np.ndarray:
-    """[H, W, 3] uint8 with shorter side `resize_side(size)`: what the train cache stores."""
-    return decode(path, resize_side(size))
+def load_train_pixels(path: Path, prep: Preprocess) -> np.ndarray:
+    """[H, W, 3] uint8 with shorter side `prep.resize`: what the train cache stores."""
+    return decode(path, prep.resize, prep.interpolation)
 
 
-def load_eval_pixels(path: Path | BinaryIO, size: int) -> np.ndarray:
-    """[size, size, 3] uint8: Resize(resize_side(size)) + CenterCrop(size), what the val/test cache stores."""
-    pixels = decode(path, resize_side(size))
+def load_eval_pixels(path: Path | BinaryIO, prep: Preprocess) -> np.ndarray:
+    """[S, S, 3] uint8: Resize(R) + CenterCrop(S), what the val/test cache stores."""
+    pixels = decode(path, prep.resize, prep.interpolation)
+    size = prep.size
     h, w = pixels.shape[:2]
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return np.ascontiguousarray(pixels[top:top + size, left:left + size])
 
 
-def train_transform(size: int, scale_min: float = 0.08) -> v2.Compose:
-    """uint8 [3, H, W] -> augmented float32 [3, size, size] (RandomResizedCrop + flip + ImageNet normalisation).
+def train_transform(prep: Preprocess, scale_min: float = 0.08) -> v2.Compose:
+    """uint8 [3, H, W] -> augmented float32 [3, S, S] (RandomResizedCrop + flip + the trunk's normalisation).
 
     `scale_min` is the smallest crop area fraction (torchvision's 0.08 by default, the paper's recipe).
     """
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    crop = v2.RandomResizedCrop(prep.size, scale=(scale_min, 1.0), antialias=True,
+                                interpolation=INTERPOLATIONS[prep.interpolation][1])
+    return v2.Compose([crop, v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(prep.mean, prep.std)])
 
 
-def eval_transform() -> v2.Compose:
-    """uint8 [3, S, S] (already resized and cropped) -> float32 [3, S, S] with ImageNet normalisation."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def eval_transform(prep: Preprocess) -> v2.Compose:
+    """uint8 [3, S, S] (already resized and cropped) -> float32 [3, S, S] with the trunk's normalisation."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
 
 
 # ------------------------------------------------------------------------------------------------- cache ----
@@ -163,16 +202,25 @@ def cache_folder(bench: Benchmark, data: DataConfig) -> Path:
     return Path(data.cache_dir).expanduser().resolve() / "image-cache" / bench.root.name
 
 
-def ensure_cache(bench: Benchmark, split_name: str, size: int, folder: Path, skip_bad: bool = False) -> PixelCache:
-    """Build the cache of one split at crop size `size` unless present (no work then); returns its reader."""
-    path = folder / f"{split_name}-{size}px-v{CACHE_VERSION}.arrow"
+def cache_name(split_name: str, prep: Preprocess) -> str:
+    """`<split>-<S>px[-<R>r-<interpolation>]-v<version>.arrow`: torchvision's recipe keeps its historical name."""
+    recipe = "" if prep.resize == resize_side(prep.size) and prep.interpolation == "bilinear" else \
+        f"-{prep.resize}r-{prep.interpolation}"
+    return f"{split_name}-{prep.size}px{recipe}-v{CACHE_VERSION}.arrow"
+
+
+def ensure_cache(bench: Benchmark, split_name: str, prep: Preprocess, folder: Path,
+                 skip_bad: bool = False) -> PixelCache:
+    """Build the cache of one split with the pixels `prep` asks for unless present (no work then); returns its
+    reader. The normalisation happens per item, so it is not part of the cache."""
+    path = folder / cache_name(split_name, prep)
     cache = _open_cache(path)
     if cache is not None:
         return cache
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / f"{path.name}.lock"):
         if _open_cache(path) is None:  # another process may have built it while we waited
-            _write_cache(path, bench, split_name, size, skip_bad)
+            _write_cache(path, bench, split_name, prep, skip_bad)
     return PixelCache(path)
 
 
@@ -191,7 +239,7 @@ def _open_cache(path: Path) -> PixelCache | None:
         return None
 
 
-def _write_cache(path: Path, bench: Benchmark, split_name: str, size: int, skip_bad: bool) -> None:
+def _write_cache(path: Path, bench: Benchmark, split_name: str, prep: Preprocess, skip_bad: bool) -> None:
     split = bench.split(split_name)
     load = load_train_pixels if split_name == "train" else load_eval_pixels
     schema = pa.schema([("pixels", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
@@ -202,13 +250,13 @@ def _write_cache(path: Path, bench: Benchmark, split_name: str, size: int, skip_
             for start in progress(range(0, len(split), _BATCH_ROWS), desc=f"caching {split_name} images",
                                   unit="batch", leave=False):
                 idx = list(range(start, min(start + _BATCH_ROWS, len(split))))
-                decoded = _decode_many([split.paths[i] for i in idx], load, size, skip_bad)
+                decoded = _decode_many([split.paths[i] for i in idx], load, prep, skip_bad)
                 good = [(i, px) for i, (px, problem) in zip(idx, decoded, strict=True) if px is not None]
                 skipped += [{"split": split_name, "file": str(split.paths[i]), "reason": problem}
                             for i, (px, problem) in zip(idx, decoded, strict=True) if px is None]
                 rows += [i for i, _ in good]
                 writer.write_batch(_record_batch(schema, [px for _, px in good]))
-        _write_meta(tmp, rows, skipped, bench, size)
+        _write_meta(tmp, rows, skipped, bench, prep.size)
         os.replace(_meta_path(tmp), _meta_path(path))
         os.replace(tmp, path)
     finally:
@@ -217,14 +265,14 @@ def _write_cache(path: Path, bench: Benchmark, split_name: str, size: int, skip_
     if skipped:
         log.warning("%s: skipped %d unreadable %s images (see %s)", bench.root, len(skipped), split_name,
                     _meta_path(path))
-    log.info("cached %d %s images at %dpx in %s", len(rows), split_name, size, path)
+    log.info("cached %d %s images at %dpx in %s", len(rows), split_name, prep.size, path)
 
 
-def _decode_many(paths: list[Path], load, size: int, skip_bad: bool) -> list[tuple[np.ndarray | None, str]]:
+def _decode_many(paths: list[Path], load, prep: Preprocess, skip_bad: bool) -> list[tuple[np.ndarray | None, str]]:
     """Decode in threads (PIL releases the GIL while decoding); with skip_bad, failures come back as (None, why)."""
     def one(path: Path) -> tuple[np.ndarray | None, str]:
         try:
-            return load(path, size), ""
+            return load(path, prep), ""
         except BenchmarkError as err:
             if not skip_bad:
                 raise
@@ -263,11 +311,11 @@ class ImageDataset(Dataset):
     augmentation. Eval items are addressed by index. With a cache, only the split rows present in it are used.
     """
 
-    def __init__(self, split: Split, size: int, train: bool, cache: PixelCache | None = None,
+    def __init__(self, split: Split, prep: Preprocess, train: bool, cache: PixelCache | None = None,
                  crop_scale_min: float = 0.08) -> None:
-        self.split, self.size, self.train, self.cache = split, size, train, cache
+        self.split, self.prep, self.train, self.cache = split, prep, train, cache
         self.rows = list(range(len(split))) if cache is None else cache.rows
-        self.transform = train_transform(size, crop_scale_min) if train else eval_transform()
+        self.transform = train_transform(prep, crop_scale_min) if train else eval_transform(prep)
         self.observed = torch.from_numpy(split.observed.astype(np.float32))
         self.full = torch.from_numpy(split.full.astype(np.float32))
 
@@ -279,7 +327,7 @@ class ImageDataset(Dataset):
         if self.cache is not None:
             return self.cache.get(index)
         path = self.split.paths[self.rows[index]]
-        return load_train_pixels(path, self.size) if self.train else load_eval_pixels(path, self.size)
+        return load_train_pixels(path, self.prep) if self.train else load_eval_pixels(path, self.prep)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -332,26 +380,28 @@ class SeededSampler(Sampler):
         return iter(list(zip(order, seeds, strict=True)))
 
 
-def build_datasets(bench: Benchmark, data: DataConfig, cache: bool = True) -> dict[str, ImageDataset]:
-    """The train / val / test datasets at crop size data.image_size (caches built on first use)."""
+def build_datasets(bench: Benchmark, data: DataConfig, cache: bool = True,
+                   prep: Preprocess | None = None) -> dict[str, ImageDataset]:
+    """The train / val / test datasets with the trunk's preprocessing `prep` (default: torchvision's at
+    data.image_size; `comic.models.backbone.trunk_preprocess` gives a config's); caches built on first use."""
+    prep = prep or Preprocess(data.image_size)
     folder = cache_folder(bench, data) if cache else None
     out = {}
     for name in ("train", "val", "test"):
-        split_cache = ensure_cache(bench, name, data.image_size, folder, data.skip_bad_images) if cache else None
-        out[name] = ImageDataset(bench.split(name), data.image_size, name == "train", split_cache,
-                                 data.crop_scale_min)
+        split_cache = ensure_cache(bench, name, prep, folder, data.skip_bad_images) if cache else None
+        out[name] = ImageDataset(bench.split(name), prep, name == "train", split_cache, data.crop_scale_min)
     return out
 
 
 def build_loaders(bench: Benchmark, data: DataConfig, batch_size: int, seed: int, pin_memory: bool = False,
-                  cache: bool = True) -> dict[str, DataLoader]:
+                  cache: bool = True, prep: Preprocess | None = None) -> dict[str, DataLoader]:
     """DataLoaders 'train' (shuffled by `seed`, last partial batch dropped), 'val' and 'test' (in order).
 
     Batches are `(images [B, 3, S, S] float32, observed [B, C] float32, full [B, C] float32)`, identical for any
     data.num_workers given `seed`. Epoch e's order and augmentation are fixed by reseeding `loader.generator`
     before it, or by `loader.sampler.set_epoch(e)`; otherwise successive passes differ, deterministically.
     """
-    datasets = build_datasets(bench, data, cache)
+    datasets = build_datasets(bench, data, cache, prep)
     common = {"num_workers": data.num_workers, "pin_memory": pin_memory}
     train = datasets["train"]
     generator = torch.Generator().manual_seed(seed)

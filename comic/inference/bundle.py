@@ -4,7 +4,7 @@ The file (`torch.save` of tensors and plain data, so `torch.load(weights_only=Tr
 the full state of the method's network (a frozen trunk included: no weights file or hub cache is needed to use it),
 for profile `frozen` the trunk whose features the heads were trained on, the class names and training counts, the
 per-class decision thresholds and the run's provenance. Evaluation preprocessing is the training run's own
-(`comic.data.images.load_eval_pixels` at `data.image_size`, ImageNet normalisation).
+(`comic.data.images.load_eval_pixels` with the trunk's preprocessing at `data.image_size`: `ModelBundle.preprocess`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from comic._io import UserError, atomic_write
 from comic.checkpoint import load_best, load_trainable_state
 from comic.config import Config, apply_overrides, from_dict, to_dict
 from comic.data.features import frozen_trunk
+from comic.data.images import Preprocess
 from comic.inference.thresholds import RULE, f1_thresholds
 from comic.methods import DataStats, build_method
-from comic.models.backbone import build_trunk
+from comic.models.backbone import build_trunk, trunk_preprocess
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "comic_model.pt"
@@ -71,6 +72,11 @@ class ModelBundle:
     @property
     def image_size(self) -> int:
         return int(self.config["data"]["image_size"])
+
+    def preprocess(self) -> Preprocess:
+        """The pixels the training run's evaluation splits saw (the trunk's resize, interpolation, normalisation)."""
+        cfg = self.cfg
+        return trunk_preprocess(cfg.model, cfg.data.image_size)
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle to `path` atomically (a crash never leaves half a model)."""

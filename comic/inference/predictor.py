@@ -39,15 +39,15 @@ class Predictor:
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
         self.device, self.batch_size = torch.device(device), batch_size
         self.network = bundle.network().to(self.device)
-        self.class_names, self.image_size = list(bundle.class_names), bundle.image_size
+        self.class_names, self.prep = list(bundle.class_names), bundle.preprocess()
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float64)
-        self.transform = eval_transform()
+        self.transform = eval_transform(self.prep)
 
     def tensor(self, image: Image) -> torch.Tensor:
         """One image -> float32 [3, S, S], as the training run's evaluation split saw it; BenchmarkError when it
         cannot be read."""
         source = io.BytesIO(image) if isinstance(image, bytes | bytearray) else Path(image)
-        pixels = load_eval_pixels(source, self.image_size)
+        pixels = load_eval_pixels(source, self.prep)
         return self.transform(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))
 
     @torch.inference_mode()

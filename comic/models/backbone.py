@@ -1,9 +1,13 @@
 """Trunks and the feature layer every method's model is built from.
 
-- `build_trunk`: any torchvision classification model (`torchvision.models.list_models`) or the tiny CNN of the
-  embedded demo, without its classifier: its penultimate features, whatever the classifier is called (the last
-  Linear, and the Dropout beside it, become Identity). Weights: 'none', 'imagenet' (torchvision's ImageNet file,
-  read from the hub cache when it is there, so no network is needed) or a state-dict file.
+- `build_trunk`: any torchvision classification model (`torchvision.models.list_models`), any timm model
+  (`timm/<name>`, e.g. `timm/tf_efficientnet_lite2`) or the tiny CNN of the embedded demo, without its classifier:
+  its penultimate (pooled) features. torchvision: the last Linear, and the Dropout beside it, become Identity; timm:
+  `reset_classifier(0)`. Weights: 'none', 'imagenet' (torchvision's ImageNet file, read from the hub cache when it is
+  there; timm's default pretrained weights from the Hugging Face hub) or a state-dict file (timm's key names for a
+  timm trunk; loaded strictly).
+- `trunk_preprocess`: the pixels a trunk expects (timm's data config: resize, interpolation, mean, std; torchvision's
+  ImageNet recipe otherwise), used by the image path, the feature cache and served models alike.
 - `Trunks`: the trunk(s) under a method's models, by `model.profile`:
     released  one frozen trunk shared by all the method's models: one forward feeds every feature layer (the models'
               trunks would be identical: same weights, frozen, the same batch through train-mode BatchNorm);
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,10 +32,12 @@ from torch import Tensor, nn
 
 from comic._io import UserError, file_digest
 from comic.config import ModelConfig, OptimConfig
+from comic.data.images import INTERPOLATIONS, Preprocess
 
 log = logging.getLogger(__name__)
 
 TINY_WIDTH = 64
+TIMM_PREFIX = "timm/"
 LR_KEYS = {"trunk": "lr_trunk", "feature": "lr_feature", "attention": "lr_attention", "classifier": "lr_classifier"}
 
 
@@ -59,8 +66,64 @@ def _model(name: str) -> nn.Module:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise BackboneWeightsError(f"model.backbone={name!r} is not a torchvision classification model{hint} "
-                                   "(or 'tiny')")
+                                   f"(or '{TIMM_PREFIX}<any timm model>', or 'tiny')")
     return torchvision.models.get_model(name, weights=None)
+
+
+def is_timm(backbone: str) -> bool:
+    return backbone.startswith(TIMM_PREFIX)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as err:
+        raise BackboneWeightsError("a timm/<name> backbone needs the timm package: pip install timm") from err
+    return timm
+
+
+def _timm_arch(backbone: str) -> str:
+    """`timm/<name>[.<tag>]` -> `<name>[.<tag>]`, checked against timm's model list."""
+    timm = _timm()
+    arch = backbone.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(timm.models.split_model_name_tag(arch)[0]):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise BackboneWeightsError(f"model.backbone={backbone!r}: timm has no model {arch!r}{hint}")
+    return arch
+
+
+def _timm_trunk(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """A timm model without its classifier (pooled features [B, num_features]), weights loaded strictly."""
+    timm, arch = _timm(), _timm_arch(cfg.backbone)
+    if cfg.weights == "imagenet":
+        try:
+            model = timm.create_model(arch, pretrained=True)
+        except (OSError, RuntimeError, ValueError) as err:  # hub download errors are OSErrors (HTTP, offline)
+            raise BackboneWeightsError(
+                f"could not fetch timm's pretrained weights of {arch} ({err}). On an offline machine pass a "
+                "state-dict file in timm's key names: model.weights=/path/to/file.pth") from err
+    else:
+        model = timm.create_model(arch, pretrained=False)
+        if cfg.weights != "none":
+            _load(model, _file_state(cfg.weights), cfg, classifier=None)
+    model.reset_classifier(0)
+    return model, int(model.num_features)
+
+
+def trunk_preprocess(cfg: ModelConfig, size: int) -> Preprocess:
+    """The pixels the trunk `cfg.backbone` expects at crop side `size` (data.image_size): for a timm trunk its
+    pretrained data config (resize = floor(size / crop_pct), as timm's eval transform; interpolation; mean; std),
+    otherwise torchvision's ImageNet recipe."""
+    if not is_timm(cfg.backbone):
+        return Preprocess(size)
+    data = _timm().models.get_pretrained_cfg(_timm_arch(cfg.backbone))
+    if data is None:
+        return Preprocess(size)
+    if data.input_size[-1] != size:
+        log.warning("%s was trained at %d px; data.image_size=%d", cfg.backbone, data.input_size[-1], size)
+    interpolation = data.interpolation if data.interpolation in INTERPOLATIONS else "bilinear"
+    return Preprocess(size, math.floor(size / data.crop_pct), interpolation, tuple(data.mean), tuple(data.std))
 
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
@@ -83,9 +146,12 @@ def _weights_file(weights: str) -> Path:
 
 def weights_id(cfg: ModelConfig) -> str:
     """What identifies the trunk's weights (a feature cache's key): 'none', torchvision's file name for 'imagenet'
-    (it carries the file's hash), or the sha256 of a weights file."""
+    (it carries the file's hash), timm's hub id of its pretrained weights, or the sha256 of a weights file."""
     if cfg.weights == "none":
         return "none"
+    if cfg.weights == "imagenet" and is_timm(cfg.backbone):
+        data = _timm().models.get_pretrained_cfg(_timm_arch(cfg.backbone))
+        return f"timm:{data.hf_hub_id or data.url}" if data is not None else f"timm:{cfg.backbone}"
     if cfg.weights == "imagenet":
         return f"imagenet:{imagenet_weights(cfg.backbone).url.rsplit('/', 1)[-1]}"
     return f"file:{file_digest(_weights_file(cfg.weights))[:16]}"
@@ -149,6 +215,8 @@ def build_trunk(cfg: ModelConfig) -> tuple[nn.Module, int]:
     The trunk maps images [B, 3, H, W] to [B, width]. Offline, 'imagenet' raises BackboneWeightsError saying where
     to put the file.
     """
+    if is_timm(cfg.backbone):
+        return _timm_trunk(cfg)
     model = _model(cfg.backbone)
     found = _classifier(model)
     classifier = found[0] if found else None

@@ -1,5 +1,6 @@
 """Search spaces of sweeps: dotted config keys -> `Dimension`s (uniform, loguniform, int, choice), read from a
-mapping or a YAML file and checked against the base config before anything runs.
+mapping or a YAML file and checked against the base config before anything runs. A method's own space is declared
+with it in the registry (`comic.methods.search_space`; `method_space` here).
 
 YAML form, one key per line:
     htb.alpha: [0.5, 4.0]                       # uniform
@@ -19,17 +20,11 @@ from typing import Any
 from ray import tune
 
 from comic.config import Config, ConfigError, apply_overrides, field_specs, read_yaml_mapping, to_flat_dict
+from comic.methods import list_methods, loss_defaults, search_space
 
 log = logging.getLogger(__name__)
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
-# The default search space: COMIC's HTB exponent, RLC threshold and MFM focusing exponents.
-DEFAULT_SPACE: dict[str, Any] = {
-    "htb.alpha": {"uniform": [0.5, 4.0]},
-    "rlc.tau": {"uniform": [0.5, 0.95]},
-    "mfm.gamma_neg": {"uniform": [1.0, 5.0]},
-    "mfm.gamma_pos": {"uniform": [0.0, 2.0]},
-}
 
 
 @dataclass(frozen=True)
@@ -111,6 +106,21 @@ def _check_values(base: Config, key: str, dim: Dimension) -> None:
             raise ConfigError(f"space: {key}: the value {value!r} is not allowed ({err})") from err
 
 
+def method_space(base: Config) -> dict[str, Dimension]:
+    """The space the registry declares for `base.method`, checked against `base`."""
+    return parse_space(search_space(base.method), base)
+
+
+def format_spaces() -> str:
+    """Every registered method's search space, one key and range per line."""
+    lines = []
+    for method in list_methods():
+        lines.append(f"{method}:")
+        lines += [f"  {key:<28} {kind} {values}" for key, raw in search_space(method).items()
+                  for kind, values in raw.items()]
+    return "\n".join(lines)
+
+
 def load_space(path: str | os.PathLike[str], base: Config | None = None) -> dict[str, Dimension]:
     """Read a search space YAML file (same format as `parse_space`)."""
     return parse_space(read_yaml_mapping(path, "config keys to ranges"), base)
@@ -124,8 +134,9 @@ def with_learning_rate(space: Mapping[str, Dimension], base: Config, key: str = 
 
 
 def default_point(space: Mapping[str, Dimension], base: Config) -> dict[str, Any] | None:
-    """The base config's values of the searched keys (the paper's defaults), or None when one lies outside."""
-    flat = to_flat_dict(base)
+    """The base config's values of the searched keys (the paper's defaults; a loss parameter the config leaves unset:
+    the loss's own default), or None when one lies outside."""
+    flat = to_flat_dict(base) | loss_defaults(base)
     point = {key: flat[key] for key in space}
     outside = [key for key, dim in space.items() if not dim.contains(point[key])]
     if outside:

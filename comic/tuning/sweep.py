@@ -44,7 +44,7 @@ from comic.tuning.cluster import (
     is_remote_path,
 )
 from comic.tuning.runner import METRIC, MODE, fit_tuner, make_run_config, prepare_configs, run_configs, trial_trainable
-from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, parse_space
+from comic.tuning.space import Dimension, default_point, method_space, parse_space
 from comic.tuning.trial import SweepTrialName, TrialJob
 
 STATE_FILE = "comic_sweep.json"
@@ -109,7 +109,7 @@ class SweepSpec:
     """A TPE + ASHA sweep: the base config, the space, the budget and where it runs and logs."""
 
     base: Config
-    space: dict[str, Dimension] = field(default_factory=lambda: parse_space(DEFAULT_SPACE))
+    space: dict[str, Dimension] = field(default_factory=dict)  # empty: the method's own (`method_space`)
     num_samples: int = 12
     seed: int = 0
     grace_period: int = 2
@@ -124,6 +124,10 @@ class SweepSpec:
     confirm_top: int = 0
     confirm_seeds: tuple[int, ...] = (0, 1, 2)
     register_model: str = ""  # with confirm_top: register the confirmed best's model under this name ('' = no)
+
+    def __post_init__(self) -> None:
+        if not self.space:
+            self.space = method_space(self.base)
 
     def check(self) -> None:
         if self.num_samples < 1:

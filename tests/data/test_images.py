@@ -92,9 +92,9 @@ def test_cache_and_decoding_give_the_same_tensors(bench: Benchmark) -> None:
 
 def test_eval_pixels_are_resize_then_center_crop(bench: Benchmark) -> None:
     path = bench.test.paths[0]
-    pixels = images.load_eval_pixels(path, SIZE)
+    pixels = images.load_eval_pixels(path, images.Preprocess(SIZE))
     assert pixels.shape == (SIZE, SIZE, 3) and pixels.dtype == np.uint8
-    train = images.load_train_pixels(path, SIZE)
+    train = images.load_train_pixels(path, images.Preprocess(SIZE))
     assert min(train.shape[:2]) == images.resize_side(SIZE)
     offset = (images.resize_side(SIZE) - SIZE) // 2
     assert np.array_equal(pixels, train[offset:offset + SIZE, offset:offset + SIZE])  # square sources

@@ -12,14 +12,18 @@ from ray import tune
 
 from comic.config import load_config
 from comic.tuning.cluster import Resources
-from comic.tuning.space import DEFAULT_SPACE, parse_space
+from comic.tuning.space import parse_space
 from comic.tuning.sweep import SweepSpec
+
+# The sweeps of these tests search COMIC's four method parameters (the registry's space adds rates and weights).
+SWEEP_SPACE = {"htb.alpha": [0.5, 4.0], "rlc.tau": [0.5, 0.95], "mfm.gamma_neg": [1.0, 5.0],
+               "mfm.gamma_pos": [0.0, 2.0]}
 
 
 def spec_for(tmp_path: Path, smoke_overrides: dict, **changes) -> SweepSpec:
     overrides = smoke_overrides | changes.pop("overrides", {})
     base = load_config("synthetic", overrides)
-    fields = {"base": base, "space": parse_space(DEFAULT_SPACE, base), "num_samples": 5, "grace_period": 1,
+    fields = {"base": base, "space": parse_space(SWEEP_SPACE, base), "num_samples": 5, "grace_period": 1,
               "reduction_factor": 2, "resources": Resources(1, 0, 1), "storage_path": str(tmp_path / "ray_results"),
               "name": "sweep", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweeps"}
     return SweepSpec(**(fields | changes))

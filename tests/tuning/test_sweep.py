@@ -26,7 +26,7 @@ from comic.tracking.client import RunTracker
 from comic.tuning.cluster import Resources, TuneError, TuneInterrupted, absolute_storage, is_remote_path
 from comic.tuning.results import format_confirm, format_trials, markdown_table, ranked, summarize_confirm
 from comic.tuning.runner import fit_metrics, run_configs
-from comic.tuning.space import DEFAULT_SPACE, Dimension, default_point, load_space, parse_space, with_learning_rate
+from comic.tuning.space import Dimension, default_point, load_space, method_space, parse_space, with_learning_rate
 from comic.tuning.sweep import asha_rungs, load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,8 +60,10 @@ def test_space_forms_and_clear_errors(tmp_path):
 
 def test_paper_defaults_are_the_first_point_and_the_lr_is_log_scaled():
     base = load_config("synthetic")
-    space = parse_space(DEFAULT_SPACE, base)
-    assert default_point(space, base) == {"htb.alpha": 2.0, "rlc.tau": 0.7, "mfm.gamma_neg": 3.0, "mfm.gamma_pos": 0.0}
+    space = method_space(base)  # COMIC's, from the registry
+    point = default_point(space, base)
+    assert {k: point[k] for k in ("htb.alpha", "rlc.tau", "mfm.gamma_neg", "mfm.gamma_pos", "loss.lambda_b")} == \
+        {"htb.alpha": 2.0, "rlc.tau": 0.7, "mfm.gamma_neg": 3.0, "mfm.gamma_pos": 0.0, "loss.lambda_b": 0.5}
     assert default_point(parse_space({"rlc.tau": [0.8, 0.9]}), base) is None  # 0.7 lies outside: not enqueued
     lr = with_learning_rate(space, base)["optim.lr_feature"]
     assert lr.kind == "loguniform" and math.isclose(lr.low, 3e-4) and math.isclose(lr.high, 3e-2)
