@@ -44,6 +44,9 @@ class Study:
     benchmarks: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})
     reference: str | None = None
     folds: int = 0  # k >= 2: every arm and seed on each of k disjoint test folds (`comic.data.folds`)
+    # (variant, fold) -> overrides of that variant on that fold only: a configuration selected on each fold's own
+    # training and validation data (the tuned study) differs from fold to fold.
+    per_fold: Mapping[tuple[str, int], Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or not self.variants or not self.benchmarks:
@@ -65,8 +68,10 @@ class Study:
         """The test folds every arm runs on: 0 .. k-1, or [0] (the benchmark's own test set) without folds."""
         return list(range(self.folds)) if self.folds else [0]
 
-    def fold_overrides(self, fold: int) -> dict[str, int]:
-        return {"data.folds": self.folds, "data.fold": fold} if self.folds else {}
+    def fold_overrides(self, fold: int, variant: str = "") -> dict[str, Any]:
+        """The data keys of test fold `fold`, and what `per_fold` sets for `variant` there."""
+        own = dict(self.per_fold.get((variant, fold), {}))
+        return ({"data.folds": self.folds, "data.fold": fold} if self.folds else {}) | own
 
     def arms(self) -> list[Arm]:
         """Benchmark-major order: each benchmark variant's arms in variant order."""
@@ -127,7 +132,8 @@ def plan(study: Study, base: Config, code: str | None = None) -> list[Cell]:
         for fold in study.fold_ids():
             for seed in study.seeds:
                 try:
-                    cfg = apply_overrides(base, {**arm.overrides, **study.fold_overrides(fold), "seed": seed})
+                    cfg = apply_overrides(base, {**arm.overrides, **study.fold_overrides(fold, arm.variant),
+                                                 "seed": seed})
                 except ConfigError as err:
                     raise ConfigError(f"arm {arm.name!r}: {err}") from err
                 data_id = stable_hash({k: v for k, v in to_flat_dict(cfg).items() if k.startswith("data.")})

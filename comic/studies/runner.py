@@ -102,8 +102,9 @@ class StudyRun:
 
     def __init__(self, study: Study, base: Config, *, study_dir: str | Path, tracking_uri: str | None = None,
                  experiment: str | None = None, code: str | None = None, title: str | None = None,
-                 label: str = "", log_models: bool = False) -> None:
+                 label: str = "", log_models: bool = False, parent_run_id: str | None = None) -> None:
         self.study = study
+        self.parent_run_id = parent_run_id  # this plan's run nests under it (a tuned study's parent)
         self.log_models = log_models  # each cell logs its best-on-val model (off by default: one per cell is waste)
         self.title = title or f"ablation study {study.name}"
         self.label = label  # what sets this plan apart from its siblings in the runs table (preset, overrides)
@@ -139,12 +140,13 @@ class StudyRun:
                          NOTE_TAG: self._parent_note()})
         name = " · ".join(filter(None, (self.study.name, self.label))) + f" ({len(self.cells)} cells)"
         tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, run_id=parents.get(self.plan_hash),
-                             tags=tags)
+                             tags=tags, parent_run_id=self.parent_run_id)
         try:
             tracker.start()
         except ValueError as err:  # the stored parent lives in another tracking store: start a new one
             log.warning("%s; starting a new parent run", err)
-            tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, tags=tags).start()
+            tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, tags=tags,
+                                 parent_run_id=self.parent_run_id).start()
         self.parent = tracker
         parents[self.plan_hash] = tracker.run_id
         atomic_write_text(parents_file, json.dumps(parents, indent=1))

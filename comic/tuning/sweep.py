@@ -124,6 +124,7 @@ class SweepSpec:
     confirm_top: int = 0
     confirm_seeds: tuple[int, ...] = (0, 1, 2)
     register_model: str = ""  # with confirm_top: register the confirmed best's model under this name ('' = no)
+    parent_run_id: str = ""  # the sweep's MLflow run nests under this one ('' = top level; a tuned study's parent)
 
     def __post_init__(self) -> None:
         if not self.space:
@@ -178,7 +179,7 @@ def _save_state(spec: SweepSpec, parent_run_id: str) -> None:
              "num_samples": spec.num_samples, "seed": spec.seed, "grace_period": spec.grace_period,
              "reduction_factor": spec.reduction_factor, "max_failures": spec.max_failures,
              "resources": vars(spec.resources), "shared_storage": spec.shared_storage,
-             "register_model": spec.register_model}
+             "register_model": spec.register_model, "nested_under": spec.parent_run_id}
     filesystem, path = fs.FileSystem.from_uri(spec.path)
     filesystem.create_dir(path, recursive=True)
     with filesystem.open_output_stream(f"{path}/{STATE_FILE}") as out:
@@ -199,7 +200,8 @@ def load_sweep(storage_path: str | None, name: str | None = None) -> tuple[Sweep
                          reduction_factor=state["reduction_factor"], resources=Resources(**state["resources"]),
                          max_failures=state["max_failures"], storage_path=storage, name=name,
                          tracking_uri=state["tracking_uri"], experiment=state["experiment"],
-                         shared_storage=state["shared_storage"], register_model=state.get("register_model", ""))
+                         shared_storage=state["shared_storage"], register_model=state.get("register_model", ""),
+                         parent_run_id=state.get("nested_under", ""))
         return spec, state["parent_run_id"]
     except FileNotFoundError as err:
         raise TuneError(f"no sweep to resume at {experiment_path(storage, name)} (no {STATE_FILE}); check "
@@ -238,7 +240,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = 
     experiment_id = ensure_experiment(spec.tracking_uri, spec.experiment, EXPERIMENT_NOTE)
     tags = run_tags({"sweep.name": spec.name, "sweep.path": spec.path, "sweep.kind": "optuna-tpe+asha",
                      NOTE_TAG: _parent_note(spec)})
-    with RunTracker(spec.tracking_uri, spec.experiment, run_name=spec.name, run_id=parent_id, tags=tags) as parent:
+    with RunTracker(spec.tracking_uri, spec.experiment, run_name=spec.name, run_id=parent_id, tags=tags,
+                    parent_run_id=spec.parent_run_id or None) as parent:
         if parent_id is None:
             _save_state(spec, parent.run_id)
         results.log_inputs(parent, _settings(spec), spec.space, spec.base)
