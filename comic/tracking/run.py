@@ -23,6 +23,7 @@ from comic.data.build import ensure_benchmark
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
 from comic.engine import SCORES_ARTIFACT_DIR, TEST_SCORES, FitResult, Report, fit
+from comic.models.backbone import trunk_preprocess, weights_id
 from comic.presets import SMOKE_OVERRIDES
 from comic.report import plots
 from comic.tracking.client import RunTracker
@@ -145,7 +146,15 @@ def _log_inputs(tracker: RunTracker, cfg: Config, card: dict, bench_dir: Path) -
     tracker.set_tags(mutable)
     tracker.log_dict(to_dict(cfg), "config.yaml")
     tracker.log_dict(card, "dataset/card.json")
+    tracker.log_dict(trunk_record(cfg), "dataset/trunk.json")
     log_benchmark(tracker, bench_dir)
+
+
+def trunk_record(cfg: Config) -> dict:
+    """What the trunk saw: its name, its weights' identity and its preprocessing (timm's data config or
+    torchvision's ImageNet recipe): the pixels' half of what a run was trained on."""
+    return {"backbone": cfg.model.backbone, "weights": weights_id(cfg.model), "profile": cfg.model.profile,
+            "preprocess": trunk_preprocess(cfg.model, cfg.data.image_size).describe()}
 
 
 def smoke_model(folder: Path) -> tuple[str, str]:

@@ -157,7 +157,10 @@ def test_a_built_benchmark_decides_what_is_recorded(smoke_overrides, tmp_path, s
     (run,) = client.search_runs([client.get_experiment_by_name("comic-train").experiment_id])
     assert run.data.params["data.missing_rate"] == "0.3" and run.data.tags["dataset"] == "synthetic"
     assert run.data.tags["dataset_name"] == built.name
-    assert "dataset/card.json" in {a.path for a in client.list_artifacts(run.info.run_id, "dataset")}
+    assert {"dataset/card.json", "dataset/trunk.json"} <= {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                                                  "dataset")}
+    trunk = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/dataset/trunk.json")
+    assert trunk["backbone"] == "tiny" and trunk["preprocess"]["resize"] == round(256 / 224 * 32)  # torchvision's
 
 
 def test_bad_paths_and_unreachable_weights_are_one_line_before_any_cache(smoke_overrides, tmp_path, script, capsys,
