@@ -34,13 +34,12 @@ from comic.checkpoint import CheckpointPolicy, RunCheckpoint, RunState
 from comic.config import Config
 from comic.data.build import ensure_benchmark
 from comic.data.features import build_feature_loaders, ensure_features
-from comic.data.images import build_loaders, class_aware_loader
+from comic.data.images import build_loaders, class_aware_loader, trunk_preprocess
 from comic.data.reader import Benchmark, load_benchmark
 from comic.device import Runtime, peak_memory_mb, reset_peak_memory, setup_runtime, synchronize
 from comic.meters import CorrectionMeter, LossMeter
 from comic.methods import Criterion, DataStats, Method, Model, build_method
 from comic.metrics import average_precision, chance_map, evaluate_scores, shot_groups
-from comic.models.backbone import trunk_preprocess
 from comic.progress import progress
 
 log = logging.getLogger(__name__)

@@ -29,13 +29,12 @@ from comic._io import UserError
 from comic.cli import base_config, config_flags, parse, run_script, tracking_flags
 from comic.config import absolute_paths, apply_overrides
 from comic.data.build import ensure_benchmark
-from comic.data.images import build_loaders
+from comic.data.images import build_loaders, trunk_preprocess
 from comic.data.reader import load_benchmark
 from comic.device import setup_runtime
 from comic.engine import evaluate
 from comic.inference.bundle import ModelBundle
 from comic.metrics import shot_groups
-from comic.models.backbone import trunk_preprocess
 from comic.report.tables import RUN_GROUPS, text
 from comic.tracking.client import RunTracker
 from comic.tracking.model import MODEL_URI_TAG, bundle_path, link_model_input

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from comic._io import UserError, absolute_path, file_lock, make_temp_dir, publish_dir, stable_hash
 from comic.config import Config
 from comic.data.build import ensure_benchmark
-from comic.data.images import ImageDataset, Preprocess, SeededSampler, build_datasets
+from comic.data.images import ImageDataset, Preprocess, SeededSampler, build_datasets, trunk_preprocess
 from comic.data.reader import Benchmark, Split, load_benchmark
 from comic.device import Runtime, runtime
-from comic.models.backbone import build_trunk, trunk_preprocess, weights_id
+from comic.models.backbone import build_trunk, weights_id
 from comic.progress import progress
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +35,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from comic._io import atomic_write_text, file_lock
-from comic.config import DataConfig
+from comic.config import DataConfig, ModelConfig
 from comic.data.reader import Benchmark, BenchmarkError, Split
 from comic.data.sampler import ClassAwareSampler
+from comic.models.backbone import timm_data_config
 from comic.progress import progress
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,19 @@ class Preprocess:
         """The recipe as plain values (a cache key's part, a run's record)."""
         return {"size": self.size, "resize": self.resize, "interpolation": self.interpolation,
                 "mean": list(self.mean), "std": list(self.std)}
+
+
+def trunk_preprocess(cfg: ModelConfig, size: int) -> Preprocess:
+    """The pixels the trunk `cfg.backbone` expects at crop side `size` (data.image_size): for a timm trunk its
+    pretrained data config (resize = floor(size / crop_pct), as timm's eval transform; interpolation; mean; std),
+    otherwise torchvision's ImageNet recipe."""
+    data = timm_data_config(cfg.backbone)
+    if data is None:
+        return Preprocess(size)
+    if data.input_size[-1] != size:
+        log.warning("%s was trained at %d px; data.image_size=%d", cfg.backbone, data.input_size[-1], size)
+    interpolation = data.interpolation if data.interpolation in INTERPOLATIONS else "bilinear"
+    return Preprocess(size, math.floor(size / data.crop_pct), interpolation, tuple(data.mean), tuple(data.std))
 
 
 def decode(path: Path | BinaryIO, shorter: int, interpolation: str = "bilinear") -> np.ndarray:
@@ -383,7 +398,7 @@ class SeededSampler(Sampler):
 def build_datasets(bench: Benchmark, data: DataConfig, cache: bool = True,
                    prep: Preprocess | None = None) -> dict[str, ImageDataset]:
     """The train / val / test datasets with the trunk's preprocessing `prep` (default: torchvision's at
-    data.image_size; `comic.models.backbone.trunk_preprocess` gives a config's); caches built on first use."""
+    data.image_size; `trunk_preprocess` gives a config's); caches built on first use."""
     prep = prep or Preprocess(data.image_size)
     folder = cache_folder(bench, data) if cache else None
     out = {}

@@ -23,10 +23,10 @@ from comic._io import UserError, atomic_write
 from comic.checkpoint import load_best, load_trainable_state
 from comic.config import Config, apply_overrides, from_dict, to_dict
 from comic.data.features import frozen_trunk
-from comic.data.images import Preprocess
+from comic.data.images import Preprocess, trunk_preprocess
 from comic.inference.thresholds import RULE, f1_thresholds
 from comic.methods import DataStats, build_method
-from comic.models.backbone import build_trunk, trunk_preprocess
+from comic.models.backbone import build_trunk
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "comic_model.pt"

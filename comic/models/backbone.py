@@ -6,8 +6,9 @@
   `reset_classifier(0)`. Weights: 'none', 'imagenet' (torchvision's ImageNet file, read from the hub cache when it is
   there; timm's default pretrained weights from the Hugging Face hub) or a state-dict file (timm's key names for a
   timm trunk; loaded strictly).
-- `trunk_preprocess`: the pixels a trunk expects (timm's data config: resize, interpolation, mean, std; torchvision's
-  ImageNet recipe otherwise), used by the image path, the feature cache and served models alike.
+- `timm_data_config`: a timm trunk's pretrained data config (size, crop, interpolation, normalisation), which
+  `comic.data.images.trunk_preprocess` turns into the pixels the image path, the feature cache and served models
+  give it.
 - `Trunks`: the trunk(s) under a method's models, by `model.profile`:
     released  one frozen trunk shared by all the method's models: one forward feeds every feature layer (the models'
               trunks would be identical: same weights, frozen, the same batch through train-mode BatchNorm);
@@ -21,9 +22,9 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,6 @@ from torch import Tensor, nn
 
 from comic._io import UserError, file_digest
 from comic.config import ModelConfig, OptimConfig
-from comic.data.images import INTERPOLATIONS, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +111,12 @@ def _timm_trunk(cfg: ModelConfig) -> tuple[nn.Module, int]:
     return model, int(model.num_features)
 
 
-def trunk_preprocess(cfg: ModelConfig, size: int) -> Preprocess:
-    """The pixels the trunk `cfg.backbone` expects at crop side `size` (data.image_size): for a timm trunk its
-    pretrained data config (resize = floor(size / crop_pct), as timm's eval transform; interpolation; mean; std),
-    otherwise torchvision's ImageNet recipe."""
-    if not is_timm(cfg.backbone):
-        return Preprocess(size)
-    data = _timm().models.get_pretrained_cfg(_timm_arch(cfg.backbone))
-    if data is None:
-        return Preprocess(size)
-    if data.input_size[-1] != size:
-        log.warning("%s was trained at %d px; data.image_size=%d", cfg.backbone, data.input_size[-1], size)
-    interpolation = data.interpolation if data.interpolation in INTERPOLATIONS else "bilinear"
-    return Preprocess(size, math.floor(size / data.crop_pct), interpolation, tuple(data.mean), tuple(data.std))
+def timm_data_config(backbone: str) -> Any | None:
+    """timm's pretrained config of a `timm/<name>` trunk (input_size, crop_pct, interpolation, mean, std), or None
+    for a torchvision trunk or a timm model without one."""
+    if not is_timm(backbone):
+        return None
+    return _timm().models.get_pretrained_cfg(_timm_arch(backbone))
 
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:

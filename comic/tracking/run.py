@@ -20,10 +20,11 @@ from mlflow.entities import Dataset, Run
 from comic.checkpoint import CheckpointPolicy, RunCheckpoint, RunState
 from comic.config import Config, identity, load_config, to_dict, to_flat_dict
 from comic.data.build import ensure_benchmark
+from comic.data.images import trunk_preprocess
 from comic.data.reader import CARD_JSON, content_digest
 from comic.device import device_name, resolve_device
 from comic.engine import SCORES_ARTIFACT_DIR, TEST_SCORES, FitResult, Report, fit
-from comic.models.backbone import trunk_preprocess, weights_id
+from comic.models.backbone import weights_id
 from comic.presets import SMOKE_OVERRIDES
 from comic.report import plots
 from comic.tracking.client import RunTracker

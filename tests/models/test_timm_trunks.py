@@ -15,10 +15,10 @@ from PIL import Image
 from comic.config import ModelConfig, load_config
 from comic.data.build import ensure_benchmark
 from comic.data.features import ensure_features, feature_folder
-from comic.data.images import eval_transform, load_eval_pixels
+from comic.data.images import eval_transform, load_eval_pixels, trunk_preprocess
 from comic.data.reader import load_benchmark
 from comic.device import runtime
-from comic.models.backbone import BackboneWeightsError, build_trunk, trunk_preprocess, weights_id
+from comic.models.backbone import BackboneWeightsError, build_trunk, weights_id
 
 LITE2 = "tf_efficientnet_lite2-5b71a564.pth"
 # ImageNet classes 751 'racer' and 339 'sorrel': a car (VOC 000012) and a horse (VOC 000017).
