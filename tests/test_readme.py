@@ -1,5 +1,6 @@
-"""Every `.venv/bin/python …` command in the README, as written: its flags parse and its config (preset, overrides,
---data) validates through the script's own parser and config path; `--help` / `--list-keys` ones run in full.
+"""Every `.venv/bin/python …` command in the README and in `docs/*.md`, as written: its flags parse and its config
+(preset, overrides, --data) validates through the script's own parser and config path; `--help` / `--list-keys` ones
+run in full.
 
 What this cannot check without the datasets (training on them) the closing notes of the real-image runs record:
 those ran through the same scripts with `--data` at a real VOC tree.
@@ -23,9 +24,12 @@ PYTHON = ".venv/bin/python "
 MODEL_SCRIPTS = ("experiments/evaluate.py", "experiments/predict.py")
 
 
+PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+
+
 def readme_commands() -> list[str]:
-    """The README's python commands: inside ```bash fences, `\\` continuations joined, comments cut."""
-    text = (REPO / "README.md").read_text()
+    """The python commands of every page: inside ```bash fences, `\\` continuations joined, comments cut."""
+    text = "\n".join(page.read_text() for page in PAGES)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
@@ -51,8 +55,17 @@ def _module(script: str):
 
 def test_the_readme_has_its_commands():
     scripts = {shlex.split(c)[0] for c in COMMANDS}
-    assert {"experiments/train.py", "experiments/sweep.py", "-m"} <= scripts, scripts
+    assert {"experiments/train.py", "experiments/sweep.py", "experiments/tuned.py", "-m"} <= scripts, scripts
     assert any(c.startswith("ablations/") for c in COMMANDS)
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_its_links_resolve():
+    readme = (REPO / "README.md").read_text()
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -73,6 +86,8 @@ def test_a_readme_command_parses_and_validates(command, tmp_path, capsys):
         args = module.parse_args(argv[1:])
         if hasattr(module, "build_spec") and not args.resume:
             module.build_spec(args)  # the sweep: config, space, resources
+        elif hasattr(module, "make_study"):
+            assert module.make_study(args).budget.trials >= 1  # the tuned study: config, arms, budget
         else:
             cli.base_config(args)
 
