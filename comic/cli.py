@@ -11,13 +11,11 @@ one way a script turns them into a config.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from comic._io import UserError, absolute_path
+from comic._io import absolute_path
 from comic.config import Config, ConfigError, apply_overrides, describe, load_config
 from comic.data.build import adopt_built
 from comic.presets import PRESETS, SMOKE_OVERRIDES
@@ -58,6 +56,14 @@ def seeds_flag(default: Sequence[int] | None, what: str) -> argparse.ArgumentPar
     parser.add_argument("--seeds", type=_seed, nargs="+", default=None if default is None else list(default),
                         metavar="N", help=what + shown)
     return parser
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    """The seed rule of every list of seeds (a study's, a sweep's confirmation): distinct non-negative integers, at
+    least one. Raises ConfigError."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds={seeds!r}: give distinct non-negative integers (--seeds 0 1 2)")
 
 
 def _seed(text: str) -> int:
@@ -114,17 +120,6 @@ def base_config(args: argparse.Namespace, extra: Mapping[str, Any] | None = None
         flags["data.root"] = str(absolute_path(args.data))
     explicit = {item.split("=", 1)[0].strip() for item in args.overrides}
     return adopt_built(apply_overrides(cfg, flags), explicit)
-
-
-def run_script(body: Callable[[], int], log_level: int = logging.INFO) -> int:
-    """A script's work under the scripts' logging format; a UserError (a bad flag, key, file, folder or model) is one
-    `error:` line that says what to do, and exit status 2, never a traceback."""
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return body()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def list_keys(args: argparse.Namespace) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from comic._io import UserError
-from comic.cli import base_config, config_flags, parse, run_script, tracking_flags
+from comic.cli import base_config, config_flags, parse, tracking_flags
 from comic.config import absolute_paths, apply_overrides
 from comic.data.build import ensure_benchmark
 from comic.data.images import build_loaders, trunk_preprocess
@@ -36,6 +36,7 @@ from comic.engine import evaluate
 from comic.inference.bundle import ModelBundle
 from comic.metrics import shot_groups
 from comic.report.tables import RUN_GROUPS, text
+from comic.script import script_main
 from comic.tracking.client import RunTracker
 from comic.tracking.model import MODEL_URI_TAG, bundle_path, link_model_input
 from comic.tracking.run import log_benchmark, smoke_model
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_script(lambda: _smoke(args) if args.smoke_test else run(args))
+    return script_main(lambda: _smoke(args) if args.smoke_test else run(args))
 
 
 def _smoke(args: argparse.Namespace) -> int:

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from comic._io import UserError, atomic_write
-from comic.cli import run_script, tracking_flags
+from comic.cli import tracking_flags
 from comic.inference.bundle import ModelBundle
 from comic.inference.predictor import Prediction, Predictor, image_files
 from comic.progress import progress
+from comic.script import script_main
 from comic.tracking.model import bundle_path
 from comic.tracking.run import smoke_model
 from comic.tracking.store import resolve_tracking_uri
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_script(lambda: _smoke(args) if args.smoke_test else predict(args), logging.WARNING)
+    return script_main(lambda: _smoke(args) if args.smoke_test else predict(args), level=logging.WARNING)
 
 
 def _smoke(args: argparse.Namespace) -> int:

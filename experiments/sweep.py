@@ -34,23 +34,16 @@ the tracking URI the head's MLflow server.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
-import os
-import re
-import signal
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.config import ConfigError
+from comic.script import finished, script_main
 from comic.tracking.store import experiment_link, ui_command
-from comic.tuning.cluster import Resources, TuneInterrupted, is_remote_path, ray_session
+from comic.tuning.cluster import Resources, is_remote_path, ray_session
 from comic.tuning.results import format_confirm, format_trials
 from comic.tuning.space import format_spaces, load_space, method_space, with_learning_rate
 from comic.tuning.sweep import SweepResult, SweepSpec, dashboard_command, load_sweep, resolved, run_sweep
@@ -169,28 +162,13 @@ def write_metrics(path: str, result: SweepResult) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=str))
 
 
-def resume_hint(path: str, args: argparse.Namespace) -> str:
-    storage, name = Path(path).parent, re.sub(r"-confirm-top\d+-seeds[\d-]+$", "", Path(path).name)
+def resume_hint(where: dict[str, str], args: argparse.Namespace) -> str:
+    """How to continue the sweep that `where` names (its storage path and name, known once the spec is resolved)."""
+    if not where:
+        return "\ninterrupted before the sweep started; nothing to resume"
     confirm = f" --confirm-top {args.confirm_top} --seeds {' '.join(map(str, args.seeds))}" if args.confirm_top else ""
     return (f"\ninterrupted; the sweep is saved. Continue it with:\n  python experiments/sweep.py --resume "
-            f"--storage-path {storage} --name {name}{confirm}")
-
-
-@contextlib.contextmanager
-def stop_gracefully_on_sigterm() -> Iterator[None]:
-    """SIGTERM (`kill`, a killed `make demo`) stops the sweep as Ctrl-C does: inside Tune's loop it becomes Tune's
-    own graceful stop (SIGUSR1: the state is saved, running trials end KILLED), elsewhere a KeyboardInterrupt."""
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
-            os.kill(os.getpid(), signal.SIGUSR1)  # Tune is running: its handler takes it from here
-        else:
-            raise KeyboardInterrupt("terminated (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            f"--storage-path {where['storage']} --name {where['name']}{confirm}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,32 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_spaces:
         print(format_spaces())
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("comic").setLevel(logging.INFO)
-    try:
-        spec = resolved(build_spec(args))
-    except UserError as err:  # a bad flag, override or space names itself
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    where: dict[str, str] = {}
+    return script_main(lambda: sweep(args, where), interrupted=lambda: resume_hint(where, args))
+
+
+def sweep(args: argparse.Namespace, where: dict[str, str]) -> int:
+    """Run (or resume) the sweep, then print its report; `where` gets the sweep's storage path and name."""
+    spec = resolved(build_spec(args))
     if args.restart_errored and not args.resume:
-        print("error: --restart-errored goes with --resume", file=sys.stderr)
-        return 2
-    try:
-        with ray_session(args.address, args.num_cpus), stop_gracefully_on_sigterm():
-            result = run_sweep(spec, resume=args.resume, restart_errored=args.restart_errored)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TuneInterrupted as stop:
-        print(resume_hint(stop.path, args), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(resume_hint(spec.path, args), file=sys.stderr)
-        return 130
-    report(result, spec)
+        raise ConfigError("--restart-errored goes with --resume")
+    where |= {"storage": spec.storage_path, "name": spec.name}
+    with ray_session(args.address, args.num_cpus):
+        result = run_sweep(spec, resume=args.resume, restart_errored=args.restart_errored)
     if args.metrics_out:
         write_metrics(args.metrics_out, result)
+    finished(None)
+    report(result, spec)
     return 0 if result.best is not None else 1
 
 

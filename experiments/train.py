@@ -21,10 +21,11 @@ import json
 import sys
 from pathlib import Path
 
-from comic.cli import base_config, config_flags, list_keys, parse, run_script, tracking_flags
+from comic.cli import base_config, config_flags, list_keys, parse, tracking_flags
 from comic.config import absolute_paths, identity_hash
 from comic.data.build import benchmark_digest
 from comic.report.tables import run_summary
+from comic.script import finished, script_main
 from comic.tracking.model import MODEL_DIR, MODEL_URI_TAG
 from comic.tracking.run import tracked_fit
 from comic.tracking.store import find_run, resolve_tracking_uri, run_link, ui_command
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_keys:
         print(list_keys(args))
         return 0
-    return run_script(lambda: train(args))
+    return script_main(lambda: train(args), interrupted=lambda: "interrupted; the last finished epoch is saved: "
+                       "run the same command again to resume it")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -58,6 +60,7 @@ def train(args: argparse.Namespace) -> int:
     result, run_id = tracked_fit(cfg, tracking_uri=uri, experiment=args.experiment, workdir=workdir,
                                  run_name=args.run_name or f"{cfg.method}-seed{cfg.seed}",
                                  log_model=not args.no_log_model)
+    finished(None)
     if result.already_finished:
         print(f"already finished: {workdir} holds this run's {int(result.metrics['epoch'])} epochs; its results "
               "(nothing was trained; delete the work directory or pass another --workdir to train again):")

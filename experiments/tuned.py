@@ -26,12 +26,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, run_script, seeds_flag, tracking_flags
-from comic.studies.cli import plan_label, setup_logging
+from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
+from comic.script import finished, script_main
+from comic.studies.cli import STUDY_LOGGERS, plan_label
 from comic.studies.tuned import ARMS, Budget, TunedStudy, run_study
 from comic.studies.tuned_report import build
 from comic.tracking.store import ui_command
-from comic.tuning.cluster import Resources, TuneInterrupted, ray_session
+from comic.tuning.cluster import Resources, ray_session
 
 SMOKE_ARMS = ("BCE", "ASL")
 SMOKE_BUDGET = {"trials": 2, "grace_period": 1, "top_k": 1}
@@ -81,20 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_keys:
         print(list_keys(args))
         return 0
-    setup_logging()
-    return run_script(lambda: _run(args))
+    return script_main(lambda: _run(args), verbose=STUDY_LOGGERS, interrupted=lambda: (
+        "\ninterrupted; finished sweeps and cells are kept. Continue with the same command:\n  " + " ".join(sys.argv)))
 
 
 def _run(args: argparse.Namespace) -> int:
     study = make_study(args)
-    try:
-        with ray_session(args.address, args.num_cpus):
-            result = run_study(study)
-    except (TuneInterrupted, KeyboardInterrupt):
-        print(f"\ninterrupted; finished sweeps and cells are kept. Continue with the same command:\n  "
-              f"{' '.join(sys.argv)}", file=sys.stderr)
-        return 130
+    with ray_session(args.address, args.num_cpus):
+        result = run_study(study)
     report = build(result, study)
+    finished(None)
     print(report.text)
     print(f"\nreport: {study.study_dir / 'report' / 'tuned.md'}; MLflow parent run {result.parent_run_id} in "
           f"experiment {study.experiment!r}")

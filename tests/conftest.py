@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,16 @@ def smoke_overrides(tmp_path_factory) -> dict:
 
     cache = tmp_path_factory.mktemp("comic_data")
     return SMOKE_OVERRIDES | {"data.cache_dir": str(cache), "engine.progress": False}
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A script's `main()` run in this process leaves its after-the-end handlers (`comic.script.finished`) for the
+    process's exit, as a real script's process needs them; the next test starts with the handlers it had."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

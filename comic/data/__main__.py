@@ -11,12 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
-from comic._io import UserError
 from comic.config import Config, DataConfig, apply_overrides, load_config
 from comic.data import sources
 from comic.data.build import build_benchmark
 from comic.data.reader import CARD_MD, BenchmarkError
 from comic.presets import PRESETS
+from comic.script import finished, script_main
 
 EPILOG = """\
 sources:
@@ -163,12 +163,13 @@ def build(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[%(name)s] %(message)s")
-    try:
-        out = build(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return script_main(lambda: _build_and_show(args), level=logging.WARNING if args.quiet else logging.INFO,
+                       interrupted=lambda: "interrupted; nothing half-written is kept: run the command again")
+
+
+def _build_and_show(args: argparse.Namespace) -> int:
+    out = build(args)
+    finished(None)
     print((out / CARD_MD).read_text())
     print(f"benchmark: {out}")
     return 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +17,14 @@ from typing import Any
 from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.config import EXECUTION_KEYS
+from comic.script import finished, script_main
 from comic.studies.plan import Study
 from comic.studies.report import METRIC_NOTE, StudyReport, build_report
 from comic.studies.runner import BACKENDS, StudyRun
 from comic.studies.spec import AblationSpec, PaperTable
 from comic.tuning.cluster import Resources, ray_session
+
+STUDY_LOGGERS = ("comic.studies", "comic.tuning.callbacks")  # the study runner, and each Ray trial (backend ray)
 
 
 def build_parser(spec: AblationSpec, doc: str) -> argparse.ArgumentParser:
@@ -69,13 +70,6 @@ def _chosen(arms: dict[str, Any], names: Sequence[str], reference: str | None) -
     return {k: v for k, v in arms.items() if k in names or k == reference}
 
 
-def setup_logging() -> None:
-    """For the scripts: warnings from every library, progress notes from the study runner."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for room in ("comic.studies", "comic.tuning.callbacks"):  # the study runner, and each Ray trial (backend ray)
-        logging.getLogger(room).setLevel(logging.INFO)
-
-
 def plan_label(args: argparse.Namespace) -> str:
     """The preset and the overrides that change what is computed (`voc2007-dev-lt data.split_seed=1`), paths cut to
     their file names: two plans of one study (another split, another preset) get told apart in MLflow's runs table."""
@@ -105,30 +99,22 @@ def run(spec: AblationSpec, args: argparse.Namespace) -> StudyReport:
         return build_report(spec, args, study_run, rows)
 
 
-def execute(spec: AblationSpec, doc: str, argv: Sequence[str] | None = None,
-            paper: Callable[[str], PaperTable] | None = None) -> tuple[int, str]:
-    """A whole ablation script: parse `argv`, run the grid, compose the report -> (exit code, text to show).
-
-    Exit code 2 with an 'error: ...' text for bad input (show it on stderr); `paper(preset)` picks the paper's table
-    for the chosen preset (Table 1 has one per benchmark).
-    """
+def main(spec: AblationSpec, doc: str, argv: Sequence[str] | None = None,
+         paper: Callable[[str], PaperTable] | None = None) -> int:
+    """A whole ablation script under `script_main`'s contract: parse `argv`, run the grid, print the report; returns
+    the exit code. `paper(preset)` picks the paper's table for the chosen preset (Table 1 has one per benchmark)."""
     args = parse(build_parser(spec, doc), argv)
     if paper is not None:
         spec = dataclasses.replace(spec, paper=paper(args.preset))
-    setup_logging()
-    try:
+
+    def body() -> int:
         report = run(spec, args)
-    except UserError as err:  # a bad flag, key, file or folder: one line that says what to do
-        return 2, f"error: {err}"
-    return report.exit_code, report.text
+        finished(None)
+        print(report.text)
+        return report.exit_code
 
-
-def main(spec: AblationSpec, doc: str, argv: Sequence[str] | None = None,
-         paper: Callable[[str], PaperTable] | None = None) -> int:
-    """`execute`, printed: the report on stdout, an 'error: ...' line on stderr; returns the exit code."""
-    code, text = execute(spec, doc, argv, paper)
-    print(text, file=sys.stderr if code == 2 else sys.stdout)
-    return code
+    return script_main(body, verbose=STUDY_LOGGERS, interrupted=lambda: "\ninterrupted; finished cells are kept. "
+                       "Continue with the same command (interrupted cells resume from their checkpoints).")
 
 
 def _plan_text(study_run: StudyRun) -> str:

@@ -214,3 +214,31 @@ def test_the_embedded_local_ray_refuses_clients_without_its_token(tmp_path):
         assert friend.stdout.startswith("connected"), friend.stdout + friend.stderr[-2000:]
     finally:
         owner.communicate("\n", timeout=60)
+
+
+LINGER = "import atexit, runpy, sys; atexit.register(sys.stdin.readline); sys.argv = sys.argv[1:]; " \
+         "runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def test_ctrl_c_after_the_summary_keeps_status_0(ray_local, smoke_overrides, tmp_path):
+    """Ctrl-C that lands after a finished sweep printed its summary (the process held open at exit until the signal
+    is in): the status stays 0, the signal is said to be too late, and the record is FINISHED."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-c", LINGER, SWEEP, "--smoke-test", "--num-samples", "2", "--name", "late",
+           "--address", ray_local.get_runtime_context().gcs_address, "--storage-path", str(tmp_path / "rr"),
+           "--tracking-uri", uri, "--experiment", "sweeps", f"data.cache_dir={smoke_overrides['data.cache_dir']}"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    summary = []
+    while not summary or "MLflow parent run" not in summary[-1]:
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)[1][-3000:]
+        summary.append(line)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(input="\n", timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGINT arrived after the work was finished and recorded" in err, err[-3000:]
+    assert "the sweep is saved" not in err
+    (parent,), children = runs_of(uri, "sweeps")
+    assert parent.info.status == "FINISHED" and len(children[parent.info.run_id]) == 2
+    _never_running(uri)
