@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comic._io import stable_hash
+from comic.cli import check_seeds
 from comic.config import Config, ConfigError, apply_overrides, identity_hash, to_flat_dict
 from comic.data.build import benchmark_digest
 from comic.tracking.provenance import code_version
@@ -53,9 +54,7 @@ class Study:
             raise ConfigError("a study needs a name, at least one variant and at least one benchmark variant")
         if self.folds == 1 or self.folds < 0:
             raise ConfigError(f"folds={self.folds}: give 0 (the benchmark's own test set) or k >= 2 (--folds)")
-        seeds = list(self.seeds)
-        if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
-            raise ConfigError(f"seeds={seeds!r}: give distinct non-negative integers (--seeds 0 1 2)")
+        check_seeds(self.seeds)
         names = self.variants if self._compare_variants else self.benchmarks
         if self.reference is not None and self.reference not in names:
             raise ConfigError(f"reference={self.reference!r} is not one of {', '.join(map(repr, names))}")

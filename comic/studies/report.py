@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from comic.studies import verdicts
 from comic.studies.figures import bars_figure
 from comic.studies.runner import FAILED, FINISHED, StudyRun
 from comic.studies.spec import AblationSpec, FigureFn, Outcome
-from comic.tracking.store import run_link, ui_command
+from comic.tracking.store import metric_name, run_link, ui_command
 
 METRIC_NOTE = ("Metrics: test-set mAP / recall in %, at the epoch with the best validation mAP (`best/test/*`); "
                "the test set never selects anything.")
@@ -155,8 +154,7 @@ def _verdict_metrics(decided: pd.DataFrame | None) -> dict[str, float]:
         return {}
     out = {}
     for r in decided[decided["fold"] == "pooled"].to_dict("records"):
-        prefix = f"pooled/{_slug(r['arm'])}/{_slug(r['metric'])}"
-        out |= {f"{prefix}/{k}": float(r[k]) for k in ("diff", "ci_low", "ci_high")}
+        out |= {metric_name("pooled", r["arm"], r["metric"], k): float(r[k]) for k in ("diff", "ci_low", "ci_high")}
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -252,17 +250,10 @@ def _paper_frame(spec: AblationSpec) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[spec.arm_label, *spec.paper.columns])
 
 
-def _slug(text: str) -> str:
-    """Metric-name parts of letters, digits and '_-.' only (MLflow allows spaces, but they break its search
-    syntax and cut chart titles): '-RLC', 'total_mAP', 'lambda_b_0.1'."""
-    text = text.replace("−", "-").replace("α", "alpha").replace("τ", "tau").replace("λ", "lambda")
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.\-]", "_", text)).strip("_")
-
-
 def _parent_metrics(stats: pd.DataFrame) -> dict[str, float]:
     """agg/<arm>/<metric>/mean|std|n on the parent run, so the MLflow UI can sort arms."""
     out = {}
     for r in stats.to_dict("records"):
-        prefix = f"agg/{_slug(r['arm'])}/{_slug(r['metric'])}"
-        out |= {f"{prefix}/mean": r["mean"], f"{prefix}/std": r["std"], f"{prefix}/n": float(r["n"])}
+        out |= {metric_name("agg", r["arm"], r["metric"], k): value
+                for k, value in (("mean", r["mean"]), ("std", r["std"]), ("n", float(r["n"])))}
     return {k: v for k, v in out.items() if isinstance(v, float) and math.isfinite(v)}

@@ -38,11 +38,11 @@ from comic.engine import SCORES_ARTIFACT_DIR, TEST_SCORES, BestTestScores, read_
 from comic.progress import progress as progress_bar
 from comic.studies.plan import Cell, Study, plan
 from comic.tracking import store
-from comic.tracking.client import ERROR_TAG, RunTracker
+from comic.tracking.client import ERROR_TAG, PARENT_TAG, RunTracker
 from comic.tracking.model import tracking
 from comic.tracking.provenance import code_version, command_line, run_tags
 from comic.tracking.run import RUN_ID_FILE, log_benchmark, tracked_fit
-from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri, run_link, search_all_runs
+from comic.tracking.store import NOTE_TAG, LogTarget, ensure_experiment, run_link, search_all_runs
 from comic.tuning.cluster import Resources
 from comic.tuning.runner import run_configs
 
@@ -104,19 +104,25 @@ class StudyRun:
                  experiment: str | None = None, code: str | None = None, title: str | None = None,
                  label: str = "", log_models: bool = False, parent_run_id: str | None = None) -> None:
         self.study = study
-        self.parent_run_id = parent_run_id  # this plan's run nests under it (a tuned study's parent)
         self.log_models = log_models  # each cell logs its best-on-val model (off by default: one per cell is waste)
         self.title = title or f"ablation study {study.name}"
         self.label = label  # what sets this plan apart from its siblings in the runs table (preset, overrides)
         self.dir = Path(study_dir).expanduser().resolve()
         self.code = code or code_version()
         self.cells = plan(study, absolute_paths(base), self.code)
-        self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        self.experiment = experiment or f"ablation-{study.name}"
+        self.log_to = LogTarget.at(tracking_uri, experiment or f"ablation-{study.name}", parent_run_id)
         self.store = CellStore(self.dir)
         self.parent: RunTracker | None = None
         self.experiment_id = ""
         self.executed: list[str] = []
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.log_to.tracking_uri
+
+    @property
+    def experiment(self) -> str:
+        return self.log_to.experiment
 
     @property
     def plan_hash(self) -> str:
@@ -140,13 +146,13 @@ class StudyRun:
                          NOTE_TAG: self._parent_note()})
         name = " · ".join(filter(None, (self.study.name, self.label))) + f" ({len(self.cells)} cells)"
         tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, run_id=parents.get(self.plan_hash),
-                             tags=tags, parent_run_id=self.parent_run_id)
+                             tags=tags, parent_run_id=self.log_to.parent_run_id or None)
         try:
             tracker.start()
         except ValueError as err:  # the stored parent lives in another tracking store: start a new one
             log.warning("%s; starting a new parent run", err)
             tracker = RunTracker(self.tracking_uri, self.experiment, run_name=name, tags=tags,
-                                 parent_run_id=self.parent_run_id).start()
+                                 parent_run_id=self.log_to.parent_run_id or None).start()
         self.parent = tracker
         parents[self.plan_hash] = tracker.run_id
         atomic_write_text(parents_file, json.dumps(parents, indent=1))
@@ -251,9 +257,9 @@ class StudyRun:
         name = f"{self.study.name}-{stable_hash([c.key for c in cells], 8)}"
         start = time.perf_counter()
         results = run_configs([c.config for c in cells], names=[self._run_name(c) for c in cells],
-                              storage_path=str(self.dir / "ray"), name=name, tracking_uri=self.tracking_uri,
-                              experiment=self.experiment, parent_run_id=self.parent.run_id,
-                              resources=resources or Resources(), max_failures=max_failures, resume=True,
+                              storage_path=str(self.dir / "ray"), name=name,
+                              log_to=self.log_to.under(self.parent.run_id), resources=resources or Resources(),
+                              max_failures=max_failures, resume=True,
                               tags=[self._child_tags(c) for c in cells], shared_storage=shared_storage,
                               log_models=self.log_models)
         runs = self._child_runs()
@@ -276,7 +282,7 @@ class StudyRun:
         """cell key -> the MLflow run of the parent's children (the newest run of a key wins)."""
         assert self.parent is not None
         runs = search_all_runs(store.client(self.tracking_uri), [self.experiment_id],
-                               f"tags.mlflow.parentRunId = '{self.parent.run_id}'",
+                               f"tags.`{PARENT_TAG}` = '{self.parent.run_id}'",
                                order_by=["attributes.start_time ASC"])
         return {r.data.tags["ablation.cell"]: r for r in runs if "ablation.cell" in r.data.tags}
 

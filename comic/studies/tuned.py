@@ -139,7 +139,7 @@ class TunedStudy:
                          seed=b.sampler_seed, grace_period=min(b.grace_period, b.epochs),
                          reduction_factor=b.reduction_factor, resources=self.resources,
                          storage_path=str(self.study_dir / "sweeps"), name=f"{arm.slug}-fold{fold}",
-                         tracking_uri=self.tracking_uri, experiment=self.experiment, parent_run_id=parent_run_id)
+                         tracking_uri=self.tracking_uri, experiment=self.experiment, nested_under=parent_run_id)
 
 
 def check_equal_budgets(specs: Sequence[SweepSpec]) -> tuple[int, int]:
@@ -177,7 +177,7 @@ def run_study(study: TunedStudy, backend: str = "ray") -> TunedResult:
         _save_parent(study, parent.run_id)
         trials, ran = {}, 0
         for (arm, fold), spec in specs.items():
-            trials[(arm, fold)], new = _sweep(replace(spec, parent_run_id=parent.run_id), study.study_dir)
+            trials[(arm, fold)], new = _sweep(replace(spec, nested_under=parent.run_id), study.study_dir)
             ran += new
             if len(trials[(arm, fold)]) != budget[0]:
                 raise AssertionError(f"sweep {spec.name}: {len(trials[(arm, fold)])} trials, the budget is {budget[0]}")

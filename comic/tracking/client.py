@@ -58,7 +58,7 @@ MAX_TAG_VALUE_LENGTH = 8000
 
 PARAM_DIGITS = 4
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG, RUN_NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
 ERROR_TAG = "error"
 RESUME_TAG = "resume_count"
 DATASET_ATTEMPTS = 3
@@ -82,7 +82,8 @@ def _same_param(old: str, text: str) -> bool:
         return False
 
 
-def _truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int = MAX_TAG_VALUE_LENGTH) -> str:
+    """`text` within MLflow's `limit` (a tag's by default), '...' marking a cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -180,7 +181,7 @@ class RunTracker:
     def _create(self) -> None:
         assert self._client is not None and self._experiment is not None
         experiment_id = ensure_experiment(self._uri, self._experiment)
-        tags = {key: _truncate(str(value), MAX_TAG_VALUE_LENGTH) for key, value in self._tags.items()}
+        tags = {key: truncate(str(value), MAX_TAG_VALUE_LENGTH) for key, value in self._tags.items()}
         if self._parent:
             tags[PARENT_TAG] = self._parent
         with _GUARD.call():
@@ -308,7 +309,7 @@ class RunTracker:
         new: dict[str, str] = {}
         conflicts = []
         for key, value in flat.items():
-            text = _truncate(param_text(value), MAX_PARAM_VALUE_LENGTH)
+            text = truncate(param_text(value), MAX_PARAM_VALUE_LENGTH)
             old = self._params.get(key)
             if old is None:
                 new[key] = text
@@ -380,7 +381,7 @@ class RunTracker:
 
     def _log_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow_client = self._require_started()
-        items = [RunTag(key, _truncate(str(value), MAX_TAG_VALUE_LENGTH)) for key, value in tags.items()]
+        items = [RunTag(key, truncate(str(value), MAX_TAG_VALUE_LENGTH)) for key, value in tags.items()]
         if items:
             with _GUARD.call():
                 mlflow_client.log_batch(self.run_id, tags=items, synchronous=True)

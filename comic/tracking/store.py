@@ -16,6 +16,8 @@ Decisions the callers rely on:
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -30,6 +32,25 @@ from comic.tracking.provenance import executable
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
 EXPERIMENT_KIND_TAG, CLASSIC_KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the description MLflow shows on an experiment's or a run's page
+
+
+@dataclass(frozen=True)
+class LogTarget:
+    """Where runs are logged: the tracking store (an absolute URI), the experiment and the parent run of child runs
+    ('' = top level). Resolved once where the user's choice comes in (`LogTarget.at`), then passed down whole."""
+
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str = ""
+
+    @classmethod
+    def at(cls, tracking_uri: str | None, experiment: str, parent_run_id: str | None = None) -> LogTarget:
+        """`tracking_uri` resolved (`resolve_tracking_uri`: None = the environment's or the default)."""
+        return cls(resolve_tracking_uri(tracking_uri), experiment, parent_run_id or "")
+
+    def under(self, parent_run_id: str) -> LogTarget:
+        """The same store and experiment, for the children of run `parent_run_id`."""
+        return replace(self, parent_run_id=parent_run_id)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -193,3 +214,15 @@ def find_run(uri: str, run_id: str) -> Run | None:
     except MlflowException:
         return None
     return None if run.info.lifecycle_stage == "deleted" else run
+
+
+def metric_name(*parts: str) -> str:
+    """An MLflow metric key: `parts` joined by '/', each cut to letters, digits and '_-.' (MLflow allows spaces, but
+    they break its search syntax and cut chart titles): ('agg', '−RLC', 'total mAP', 'mean') ->
+    'agg/-RLC/total_mAP/mean'; 'λ_b 0.1' -> 'lambda_b_0.1'."""
+    return "/".join(_clean(part) for part in parts)
+
+
+def _clean(text: str) -> str:
+    text = text.replace("−", "-").replace("α", "alpha").replace("τ", "tau").replace("λ", "lambda")
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.\-]", "_", text)).strip("_")

@@ -18,6 +18,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from comic.tracking import store
+from comic.tracking.client import ERROR_TAG, truncate
 from comic.tuning.trial import RUN_ID_KEY, STATE_TAG, TRIAL_TAG, TrialJob, find_trial_run, find_trial_runs
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def trial_state(job: TrialJob, trial: Trial) -> str:
     return "completed" if epochs >= job.planned_epochs(trial.config) else "early-stopped"
 
 
-class RunStates(tune.Callback):
+class SettleTrialRuns(tune.Callback):
     """Closes each trial's MLflow child run with the state Tune knows, from the driver.
 
     Tune ends a stopped trial (ASHA, Ctrl-C) inside `tune.report` and may kill its process before the trial's own
@@ -41,9 +42,7 @@ class RunStates(tune.Callback):
 
     def __init__(self, job: TrialJob) -> None:
         self.job = job
-        self.tracking_uri = job.tracking_uri
-        self.experiment = job.experiment
-        self.parent_run_id = job.parent_run_id
+        self.log_to = job.log_to
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = trial_state(self.job, trial)
@@ -54,7 +53,7 @@ class RunStates(tune.Callback):
             self._close(trial, "FINISHED", {STATE_TAG: state, "early_stopped": "true", "stopped_at_epoch": epoch})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._close(trial, "FAILED", {STATE_TAG: "errored", "error": _error_text(trial)})
+        self._close(trial, "FAILED", {STATE_TAG: "errored", ERROR_TAG: _error_text(trial)})
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         # Every trial that ended got its final state tag in on_trial_complete / on_trial_error (in this session or an
@@ -64,22 +63,22 @@ class RunStates(tune.Callback):
         try:
             client = self._client()
             ids = {trial.trial_id for trial in trials}
-            for run in find_trial_runs(client, self.experiment, self.parent_run_id):
+            for run in find_trial_runs(client, self.log_to.experiment, self.log_to.parent_run_id):
                 if run.data.tags.get(TRIAL_TAG) in ids and run.data.tags.get(STATE_TAG, "interrupted") == "interrupted":
                     self._settle(client, run, "KILLED", {STATE_TAG: "interrupted"})
         except Exception:
             log.exception("could not mark the interrupted trials' MLflow runs KILLED")
 
     def _client(self) -> MlflowClient:
-        return store.client(self.tracking_uri)
+        return store.client(self.log_to.tracking_uri)
 
     def _close(self, trial: Trial, status: str, tags: dict[str, str]) -> None:
         """Never raises: a tracking hiccup must not stop the sweep (the Tune directory stays the source of truth)."""
         try:
             client = self._client()
             run_id = (trial.last_result or {}).get(RUN_ID_KEY)
-            run = client.get_run(run_id) if run_id else find_trial_run(client, self.experiment, self.parent_run_id,
-                                                                       trial.trial_id)
+            run = client.get_run(run_id) if run_id else find_trial_run(client, self.log_to.experiment,
+                                                                       self.log_to.parent_run_id, trial.trial_id)
             if run is not None:
                 self._settle(client, run, status, tags)
         except Exception:
@@ -87,9 +86,9 @@ class RunStates(tune.Callback):
 
     @staticmethod
     def _settle(client: MlflowClient, run: Any, status: str, tags: dict[str, str]) -> None:
-        if "error" in run.data.tags:  # the trial recorded its own error, with the traceback in error.txt
-            tags = {k: v for k, v in tags.items() if k != "error"}
-        client.log_batch(run.info.run_id, tags=[RunTag(k, v[:8000]) for k, v in tags.items()], synchronous=True)
+        if ERROR_TAG in run.data.tags:  # the trial recorded its own error, with the traceback in error.txt
+            tags = {k: v for k, v in tags.items() if k != ERROR_TAG}
+        client.log_batch(run.info.run_id, tags=[RunTag(k, truncate(v)) for k, v in tags.items()], synchronous=True)
         if run.info.status != status:
             client.set_terminated(run.info.run_id, status=status)
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from comic.tracking.client import RunTracker
+from comic.tracking.client import PARENT_TAG, RUN_NAME_TAG, RunTracker
 from comic.tracking.model import DEFAULT_ALIAS, MODEL_URI_TAG, register_model
 from comic.tracking.store import client, search_all_runs
 
@@ -39,7 +39,7 @@ def register_champion(parent: RunTracker, experiment_id: str, run_name: str, met
                       name: str, sweep: str) -> str | None:
     """Register the model that the confirmation run `run_name` (a child of `parent`) logged as a new version of
     `name` with alias `champion`; returns `models:/name@champion`, or None (with a warning) when it logged none."""
-    query = (f"tags.`mlflow.parentRunId` = '{parent.run_id}' and tags.`mlflow.runName` = '{run_name}' "
+    query = (f"tags.`{PARENT_TAG}` = '{parent.run_id}' and tags.`{RUN_NAME_TAG}` = '{run_name}' "
              "and attributes.status = 'FINISHED'")
     runs = [r for r in search_all_runs(client(parent.tracking_uri), [experiment_id], query)
             if MODEL_URI_TAG in r.data.tags]

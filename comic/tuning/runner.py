@@ -24,8 +24,8 @@ from comic._io import stable_hash
 from comic.config import Config, absolute_paths, apply_overrides, to_dict
 from comic.data.build import ensure_benchmark
 from comic.data.features import prepare_features
-from comic.tracking.store import ensure_experiment, resolve_tracking_uri
-from comic.tuning.callbacks import Progress, RunStates
+from comic.tracking.store import LogTarget, ensure_experiment
+from comic.tuning.callbacks import Progress, SettleTrialRuns
 from comic.tuning.cluster import (
     Resources,
     TuneError,
@@ -120,15 +120,15 @@ def check_tune_state(path: str) -> None:
                         ) from err
 
 
-def run_configs(configs: list[Config], *, names: list[str], storage_path: str, name: str, tracking_uri: str,
-                experiment: str, parent_run_id: str | None, resources: Resources, max_failures: int = 1,
+def run_configs(configs: list[Config], *, names: list[str], storage_path: str, name: str, log_to: LogTarget,
+                resources: Resources, max_failures: int = 1,
                 resume: bool = False, tags: list[dict[str, str]] | None = None, shared_storage: bool = False,
                 callbacks: Sequence[Any] = (), log_models: bool = False) -> list[dict[str, float]]:
     """Run every config once as a Tune trial (a grid, no search, no early stopping), each a child MLflow run.
 
-    Trial i is MLflow run `names[i]` under `parent_run_id` with extra `tags[i]`. A crashed trial restarts from its
-    last epoch checkpoint up to `max_failures` times. `resume=True` continues the Tune experiment
-    `storage_path/name` if there is one (finished trials are kept; errored ones resume from their last
+    Trial i is MLflow run `names[i]` under `log_to.parent_run_id` (top level if '') with extra `tags[i]`. A crashed
+    trial restarts from its last epoch checkpoint up to `max_failures` times. `resume=True` continues the Tune
+    experiment `storage_path/name` if there is one (finished trials are kept; errored ones resume from their last
     checkpoint) and starts it otherwise; `resume=False` refuses an existing one. Returns each config's final
     metrics (`FitResult.metrics`, with best/...) in input order; `{}` for a trial that errored for good (logged at
     ERROR level; its run is FAILED). Raises TuneInterrupted when the run was interrupted (resume to continue).
@@ -139,13 +139,13 @@ def run_configs(configs: list[Config], *, names: list[str], storage_path: str, n
                          f"({'none' if tags is None else len(tags)})")
     connect_ray()
     check_resources(resources)
-    uri, storage = resolve_tracking_uri(tracking_uri), absolute_storage(storage_path)
-    check_cluster_storage(storage, uri, shared_storage)
-    ensure_experiment(uri, experiment)
-    job = TrialJob(uri, experiment, parent_run_id, "grid", cells=tuple(to_dict(c) for c in prepare_configs(configs)),
+    storage = absolute_storage(storage_path)
+    check_cluster_storage(storage, log_to.tracking_uri, shared_storage)
+    ensure_experiment(log_to.tracking_uri, log_to.experiment)
+    job = TrialJob(log_to, "grid", cells=tuple(to_dict(c) for c in prepare_configs(configs)),
                    names=tuple(names), tags=tuple(dict(t) for t in tags or ()), log_models=log_models)
     trainable = trial_trainable(job, resources)
-    all_callbacks = [RunStates(job), Progress(job, METRIC), *callbacks]
+    all_callbacks = [SettleTrialRuns(job), Progress(job, METRIC), *callbacks]
 
     def make_tuner() -> Any:
         return tune.Tuner(trainable, param_space={"cell": tune.grid_search(list(range(len(configs))))},

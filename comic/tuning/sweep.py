@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,15 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from comic.cli import check_seeds
 from comic.config import Config, apply_overrides, from_dict, to_dict
 from comic.data.build import ensure_benchmark
 from comic.tracking.client import RunTracker
 from comic.tracking.provenance import command_line, executable, run_tags
 from comic.tracking.run import log_benchmark
-from comic.tracking.store import NOTE_TAG, ensure_experiment, resolve_tracking_uri
+from comic.tracking.store import NOTE_TAG, LogTarget, ensure_experiment, resolve_tracking_uri
 from comic.tuning import results
-from comic.tuning.callbacks import Progress, RunStates
+from comic.tuning.callbacks import Progress, SettleTrialRuns
 from comic.tuning.champion import champion_cell, register_champion
 from comic.tuning.cluster import (
     Resources,
@@ -48,6 +49,7 @@ from comic.tuning.space import Dimension, default_point, method_space, parse_spa
 from comic.tuning.trial import SweepTrialName, TrialJob
 
 STATE_FILE = "comic_sweep.json"
+SETTING = {"setting": True}  # a SweepSpec field logged as a `sweep.*` param: fixed for the sweep's life
 OPTUNA_DB = "optuna.db"  # the Optuna study (study name = the sweep's name): `optuna-dashboard sqlite:///...`
 EXPERIMENT_NOTE = ("Hyperparameter sweeps of COMIC: Optuna (TPE) proposes, ASHA stops trials early on val/map. One "
                    "parent run per sweep (its trials table, plots and best configuration as artifacts, best/* as "
@@ -110,13 +112,13 @@ class SweepSpec:
 
     base: Config
     space: dict[str, Dimension] = field(default_factory=dict)  # empty: the method's own (`method_space`)
-    num_samples: int = 12
-    seed: int = 0
-    grace_period: int = 2
-    reduction_factor: int = 2
-    resources: Resources = field(default_factory=Resources)
-    max_failures: int = 1
-    storage_path: str = ""
+    num_samples: int = field(default=12, metadata=SETTING)
+    seed: int = field(default=0, metadata=SETTING)
+    grace_period: int = field(default=2, metadata=SETTING)
+    reduction_factor: int = field(default=2, metadata=SETTING)
+    resources: Resources = field(default_factory=Resources, metadata=SETTING)
+    max_failures: int = field(default=1, metadata=SETTING)
+    storage_path: str = ""  # where the sweep is: not saved in it
     name: str = ""
     tracking_uri: str | None = None
     experiment: str = "comic-sweep"
@@ -124,7 +126,7 @@ class SweepSpec:
     confirm_top: int = 0
     confirm_seeds: tuple[int, ...] = (0, 1, 2)
     register_model: str = ""  # with confirm_top: register the confirmed best's model under this name ('' = no)
-    parent_run_id: str = ""  # the sweep's MLflow run nests under this one ('' = top level; a tuned study's parent)
+    nested_under: str = ""  # the MLflow run id the sweep's own run nests under ('' = top level; a tuned study's)
 
     def __post_init__(self) -> None:
         if not self.space:
@@ -135,9 +137,14 @@ class SweepSpec:
             raise TuneError(f"num_samples={self.num_samples}: must be >= 1 (--num-samples)")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise TuneError("grace_period must be >= 1 and reduction_factor >= 2 (--grace-period, --reduction-factor)")
-        seeds = list(self.confirm_seeds)
-        if self.confirm_top < 0 or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise TuneError("--confirm-top must be >= 0 and --seeds distinct non-negative integers")
+        if self.confirm_top < 0:
+            raise TuneError(f"--confirm-top {self.confirm_top}: must be >= 0")
+        check_seeds(self.confirm_seeds)
+
+    @property
+    def log_to(self) -> LogTarget:
+        """Where the sweep's run is logged (under `nested_under`, if set); the tracking URI resolved by `resolved`."""
+        return LogTarget(self.tracking_uri or "", self.experiment, self.nested_under)
 
     @property
     def path(self) -> str:
@@ -172,14 +179,27 @@ def resolved(spec: SweepSpec) -> SweepSpec:
                    tracking_uri=resolve_tracking_uri(spec.tracking_uri))
 
 
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    """Every field of `spec` but where it is stored (its path and name), as JSON values: the base config and the space
+    through their own converters."""
+    state = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in ("storage_path", "name")}
+    return state | {"base": to_dict(spec.base), "space": {k: d.describe() for k, d in spec.space.items()},
+                    "resources": asdict(spec.resources), "confirm_seeds": list(spec.confirm_seeds)}
+
+
+def spec_from_dict(state: dict[str, Any], storage_path: str, name: str) -> SweepSpec:
+    """The inverse of `spec_to_dict` (keys that are no field, as the saved run id, are left out; a missing base or
+    space raises KeyError)."""
+    known = {f.name for f in fields(SweepSpec)}
+    values = {k: v for k, v in state.items() if k in known} | {"storage_path": storage_path, "name": name}
+    return SweepSpec(**values | {"base": from_dict(state["base"]), "space": parse_space(state["space"]),
+                                 "resources": Resources(**state["resources"]),
+                                 "confirm_seeds": tuple(state.get("confirm_seeds", (0, 1, 2)))})
+
+
 def _save_state(spec: SweepSpec, parent_run_id: str) -> None:
     """The sweep's settings and parent run next to Tune's state (on S3 too): `resume` needs only the path."""
-    state = {"parent_run_id": parent_run_id, "tracking_uri": spec.tracking_uri, "experiment": spec.experiment,
-             "base": to_dict(spec.base), "space": {k: d.describe() for k, d in spec.space.items()},
-             "num_samples": spec.num_samples, "seed": spec.seed, "grace_period": spec.grace_period,
-             "reduction_factor": spec.reduction_factor, "max_failures": spec.max_failures,
-             "resources": vars(spec.resources), "shared_storage": spec.shared_storage,
-             "register_model": spec.register_model, "nested_under": spec.parent_run_id}
+    state = {"parent_run_id": parent_run_id, **spec_to_dict(spec)}
     filesystem, path = fs.FileSystem.from_uri(spec.path)
     filesystem.create_dir(path, recursive=True)
     with filesystem.open_output_stream(f"{path}/{STATE_FILE}") as out:
@@ -195,14 +215,7 @@ def load_sweep(storage_path: str | None, name: str | None = None) -> tuple[Sweep
     try:
         with filesystem.open_input_stream(path) as fh:
             state = json.loads(fh.read().decode())
-        spec = SweepSpec(base=from_dict(state["base"]), space=parse_space(state["space"]),
-                         num_samples=state["num_samples"], seed=state["seed"], grace_period=state["grace_period"],
-                         reduction_factor=state["reduction_factor"], resources=Resources(**state["resources"]),
-                         max_failures=state["max_failures"], storage_path=storage, name=name,
-                         tracking_uri=state["tracking_uri"], experiment=state["experiment"],
-                         shared_storage=state["shared_storage"], register_model=state.get("register_model", ""),
-                         parent_run_id=state.get("nested_under", ""))
-        return spec, state["parent_run_id"]
+        return spec_from_dict(state, storage, name), state["parent_run_id"]
     except FileNotFoundError as err:
         raise TuneError(f"no sweep to resume at {experiment_path(storage, name)} (no {STATE_FILE}); check "
                         "--storage-path and --name") from err
@@ -241,7 +254,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, restart_errored: bool = 
     tags = run_tags({"sweep.name": spec.name, "sweep.path": spec.path, "sweep.kind": "optuna-tpe+asha",
                      NOTE_TAG: _parent_note(spec)})
     with RunTracker(spec.tracking_uri, spec.experiment, run_name=spec.name, run_id=parent_id, tags=tags,
-                    parent_run_id=spec.parent_run_id or None) as parent:
+                    parent_run_id=spec.nested_under or None) as parent:
         if parent_id is None:
             _save_state(spec, parent.run_id)
         results.log_inputs(parent, _settings(spec), spec.space, spec.base)
@@ -264,11 +277,13 @@ def _parent_note(spec: SweepSpec) -> str:
 
 
 def _settings(spec: SweepSpec) -> dict[str, Any]:
-    return {"metric": f"{METRIC} ({MODE})", "num_samples": spec.num_samples, "seed": spec.seed,
-            "max_t": spec.base.train.epochs, "grace_period": spec.grace_period,
-            "reduction_factor": spec.reduction_factor, "cpus_per_trial": spec.resources.cpus_per_trial,
-            "gpus_per_trial": spec.resources.gpus_per_trial, "max_concurrent": spec.resources.max_concurrent,
-            "max_failures": spec.max_failures}
+    """The `sweep.*` params: the metric, the epochs (ASHA's max_t) and every SETTING field, resources flattened."""
+    out: dict[str, Any] = {"metric": f"{METRIC} ({MODE})", "max_t": spec.base.train.epochs}
+    for f in fields(spec):
+        if f.metadata.get("setting"):
+            value = getattr(spec, f.name)
+            out |= asdict(value) if isinstance(value, Resources) else {f.name: value}
+    return out
 
 
 def _save_best(spec: SweepSpec, best_config: Config) -> str:
@@ -314,11 +329,11 @@ def _search(spec: SweepSpec, parent_run_id: str, resume: bool, restart_errored: 
             callbacks: Sequence[Any]) -> tune.ResultGrid:
     epochs = spec.base.train.epochs
     grace = min(spec.grace_period, epochs)
-    job = TrialJob(spec.tracking_uri, spec.experiment, parent_run_id, "search", base=to_dict(spec.base),
+    job = TrialJob(spec.log_to.under(parent_run_id), "search", base=to_dict(spec.base),
                    checkpoint_epochs=asha_rungs(epochs, grace, spec.reduction_factor))
     trainable = trial_trainable(job, spec.resources)
     point = default_point(spec.space, spec.base)
-    all_callbacks = [RunStates(job), Progress(job, METRIC, tuple(spec.space)), *callbacks]
+    all_callbacks = [SettleTrialRuns(job), Progress(job, METRIC, tuple(spec.space)), *callbacks]
 
     def make_tuner() -> tune.Tuner:
         searcher = RestartableOptunaSearch(points_to_evaluate=[point] if point else None, seed=spec.seed, max_t=epochs,
@@ -352,8 +367,8 @@ def _confirm(spec: SweepSpec, rows: list[dict[str, Any]], parent: RunTracker,
             ranks.append(rank)
     parent.set_tags({"confirm.top": str(spec.confirm_top), "confirm.seeds": " ".join(map(str, spec.confirm_seeds))})
     metrics = run_configs(configs, names=names, storage_path=spec.storage_path, name=confirm_name(spec),
-                          tracking_uri=spec.tracking_uri, experiment=spec.experiment, parent_run_id=parent.run_id,
-                          resources=spec.resources, max_failures=spec.max_failures, resume=True, tags=tags,
+                          log_to=spec.log_to.under(parent.run_id), resources=spec.resources,
+                          max_failures=spec.max_failures, resume=True, tags=tags,
                           shared_storage=spec.shared_storage, log_models=bool(spec.register_model))
     summary = results.summarize_confirm(ranked, ranks, metrics, spec.space)
     results.log_confirm(parent, summary, spec.space)

@@ -5,7 +5,7 @@ run id) goes with them as a `tune.Checkpoint` when the epoch was written (`train
 and the epochs where ASHA may stop the trial); a trial restored by Tune (a crash under `max_failures`, or
 `Tuner.restore`) copies it back, so `fit` resumes exactly and the same MLflow run continues. When Tune stops a trial
 (ASHA, or the sweep interrupted) the run is detached, not closed: the driver knows why it stopped and settles it
-(`comic.tuning.callbacks.RunStates`).
+(`comic.tuning.callbacks.SettleTrialRuns`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from comic._io import make_temp_dir, remove_stale_temps
 from comic.checkpoint import CheckpointError, CheckpointPolicy, RunState
 from comic.config import Config, apply_overrides, from_dict
 from comic.tracking import store
-from comic.tracking.client import ERROR_TAG
+from comic.tracking.client import ERROR_TAG, PARENT_TAG, truncate
 from comic.tracking.run import RUN_ID_FILE, tracked_fit
-from comic.tracking.store import search_all_runs
+from comic.tracking.store import LogTarget, search_all_runs
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ class TrialJob:
     Paths inside the configs are absolute: Tune changes every trial's working directory.
     """
 
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str | None
+    log_to: LogTarget  # the trials' runs are children of its parent run
     phase: str
     base: dict[str, Any] | None = None
     cells: tuple[dict[str, Any], ...] = ()
@@ -105,8 +103,8 @@ def comic_trial(config: dict[str, Any], job: TrialJob) -> None:
         _restore_workdir(workdir)
         _adopt_existing_run(workdir, job, context.get_trial_id())
         tags = _placement_tags(context, job.phase) | tags  # the caller's tags (e.g. sweep.phase=confirm) win
-        tracked_fit(cfg, tracking_uri=job.tracking_uri, experiment=job.experiment, workdir=workdir,
-                    run_name=run_name or context.get_trial_name(), parent_run_id=job.parent_run_id,
+        tracked_fit(cfg, tracking_uri=job.log_to.tracking_uri, experiment=job.log_to.experiment, workdir=workdir,
+                    run_name=run_name or context.get_trial_name(), parent_run_id=job.log_to.parent_run_id or None,
                     report=_Reporter(workdir), tags=tags, detach_on_exit=True,
                     policy=CheckpointPolicy.of(cfg, job.checkpoint_epochs), log_model=job.log_models)
     except CheckpointError as err:
@@ -118,7 +116,7 @@ def comic_trial(config: dict[str, Any], job: TrialJob) -> None:
         named = CheckpointError(f"the checkpoint of trial {context.get_trial_name()} in {origin.path} cannot be read "
                                 f"({err.__cause__ or err}); rerun with --resume --restart-errored to start that trial "
                                 "afresh")
-        _retag_error(workdir, job.tracking_uri, f"CheckpointError: {named}")
+        _retag_error(workdir, job.log_to.tracking_uri, f"CheckpointError: {named}")
         raise named from err
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -127,7 +125,7 @@ def comic_trial(config: dict[str, Any], job: TrialJob) -> None:
 def _retag_error(workdir: Path, tracking_uri: str, text: str) -> None:
     run_file = workdir / RUN_ID_FILE
     if run_file.is_file():
-        store.client(tracking_uri).set_tag(run_file.read_text().strip(), ERROR_TAG, text[:8000])
+        store.client(tracking_uri).set_tag(run_file.read_text().strip(), ERROR_TAG, truncate(text))
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,8 @@ def _adopt_existing_run(workdir: Path, job: TrialJob, trial_id: str) -> None:
     from 1; the steps that run already holds are not logged again (a seeded run recomputes the same values)."""
     if (workdir / RUN_ID_FILE).is_file():
         return
-    run = find_trial_run(store.client(job.tracking_uri), job.experiment, job.parent_run_id, trial_id)
+    run = find_trial_run(store.client(job.log_to.tracking_uri), job.log_to.experiment, job.log_to.parent_run_id,
+                         trial_id)
     if run is not None:
         (workdir / RUN_ID_FILE).write_text(run.info.run_id)
         log.info("trial %s restarts from scratch in its MLflow run %s", trial_id, run.info.run_id)
@@ -172,7 +171,7 @@ def find_trial_runs(client: MlflowClient, experiment: str, parent_run_id: str | 
         return []
     query = f"tags.`{TRIAL_TAG}` = '{trial_id}'" if trial_id else f"tags.`{TRIAL_TAG}` != ''"
     if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
     return search_all_runs(client, [found.experiment_id], query)
 
 

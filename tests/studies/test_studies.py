@@ -162,8 +162,9 @@ def test_ray_backend_glue_with_a_stand_in_for_run_configs(smoke_overrides, tmp_p
     (child runs of the parent with the given names and tags; final metrics in input order, {} for a failed cell).
     It checks the ray branch's glue: run ids found by tag, curves read back from MLflow, failures recorded.
     The real Ray path is `test_ray_backend_end_to_end`."""
-    def fake_run_configs(configs, *, names, storage_path, name, tracking_uri, experiment, parent_run_id, resources,
-                         max_failures=1, resume=False, tags=None, shared_storage=False, log_models=False):
+    def fake_run_configs(configs, *, names, storage_path, name, log_to, resources, max_failures=1, resume=False,
+                         tags=None, shared_storage=False, log_models=False):
+        tracking_uri, experiment, parent_run_id = log_to.tracking_uri, log_to.experiment, log_to.parent_run_id
         assert resume and name.startswith("rayglue-") and storage_path.endswith("ray") and not log_models
         out = []
         for i, (cfg, run_name) in enumerate(zip(configs, names, strict=True)):

@@ -22,7 +22,7 @@ from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from comic.report import plots
 from comic.tracking.client import PARENT_TAG, RunTracker
 from comic.tracking.provenance import run_tags
-from comic.tracking.store import ensure_experiment, resolve_tracking_uri
+from comic.tracking.store import ensure_experiment, metric_name, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -373,3 +373,12 @@ def test_ensure_experiment_is_idempotent_and_refuses_deleted(uri: str, client: M
     client.delete_experiment(first)
     with pytest.raises(ValueError, match="deleted"):
         ensure_experiment(uri, "study one")
+
+
+@pytest.mark.parametrize(("parts", "key"), [
+    (("agg", "−RLC", "total mAP", "mean"), "agg/-RLC/total_mAP/mean"),
+    (("pooled", "λ_b 0.1", "few", "diff"), "pooled/lambda_b_0.1/few/diff"),
+    (("agg", "α = 2 (τ 0.9)", "n"), "agg/alpha_2_tau_0.9/n"),
+])
+def test_metric_names_keep_to_letters_digits_and_separators(parts, key):
+    assert metric_name(*parts) == key

@@ -23,11 +23,12 @@ from sweep_helpers import InterruptMidTrial, runs_of, spec_for, steps_of
 from comic.checkpoint import load_best
 from comic.config import ConfigError, apply_overrides, load_config
 from comic.tracking.client import RunTracker
+from comic.tracking.store import LogTarget
 from comic.tuning.cluster import Resources, TuneError, TuneInterrupted, absolute_storage, is_remote_path
 from comic.tuning.results import format_confirm, format_trials, markdown_table, ranked, summarize_confirm
 from comic.tuning.runner import fit_metrics, run_configs
 from comic.tuning.space import Dimension, default_point, load_space, method_space, parse_space, with_learning_rate
-from comic.tuning.sweep import asha_rungs, load_sweep, run_sweep
+from comic.tuning.sweep import _settings, asha_rungs, load_sweep, run_sweep, spec_from_dict, spec_to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = str(REPO / "experiments" / "sweep.py")
@@ -111,6 +112,20 @@ def test_fit_metrics_drops_tune_bookkeeping():
     result = {"epoch": 3, "val/map": 30.5, "best/test/map": 20.0, "training_iteration": 4, "time_total_s": 9.0,
               "mlflow_run_id": "abc", "epochs_planned": 3.0, "done": True, "config": {"cell": 0}}
     assert fit_metrics(result) == {"epoch": 3.0, "val/map": 30.5, "best/test/map": 20.0}
+
+
+def test_a_saved_spec_loads_back_whole(tmp_path, smoke_overrides):
+    """The state file holds every field of the spec but where it is (its path and name), through the base config's
+    and the space's own converters; the logged `sweep.*` params are exactly its fixed settings."""
+    spec = spec_for(tmp_path, smoke_overrides, seed=7, max_failures=3, confirm_top=2, confirm_seeds=(4, 5),
+                    register_model="m", nested_under="0123", shared_storage=True, resources=Resources(0.5, 1, 3))
+    state = json.loads(json.dumps({"parent_run_id": "abc", **spec_to_dict(spec)}))
+    assert "storage_path" not in state and "name" not in state
+    assert spec_from_dict(state, spec.storage_path, spec.name) == spec
+    assert _settings(spec) == {"metric": "val/map (max)", "max_t": spec.base.train.epochs, "num_samples": 5,
+                               "seed": 7, "grace_period": 1, "reduction_factor": 2, "max_failures": 3,
+                               "cpus_per_trial": 0.5, "gpus_per_trial": 1, "max_concurrent": 3}
+    assert spec.log_to == LogTarget(spec.tracking_uri, "sweeps", "0123")
 
 
 def test_cli_rejects_bad_input_naming_the_fix(tmp_path, monkeypatch, capsys, script):
@@ -207,7 +222,7 @@ def test_trials_log_over_http_and_a_trial_that_fails_for_good(ray_local, mlflow_
     bad = load_config("synthetic", smoke_overrides | {"model.weights": str(tmp_path / "missing.pt")})
     with RunTracker(mlflow_server, "http-grid", run_name="grid") as parent:
         metrics = run_configs([good, bad], names=["good", "bad"], storage_path=str(tmp_path / "rr"), name="grid",
-                              tracking_uri=mlflow_server, experiment="http-grid", parent_run_id=parent.run_id,
+                              log_to=LogTarget.at(mlflow_server, "http-grid", parent.run_id),
                               resources=Resources(1, 0, 2), max_failures=0, tags=[{"arm": "good"}, {"arm": "bad"}])
     assert metrics[0]["epoch"] == 2 and 0 < metrics[0]["best/val/map"] <= 100 and metrics[1] == {}
     _, children = runs_of(mlflow_server, "http-grid")
@@ -242,7 +257,7 @@ def test_killed_trial_resumes_into_the_same_run(ray_local, smoke_overrides, tmp_
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config("synthetic", smoke_overrides | {"train.epochs": 3, "train.checkpoint_every_s": 0})
     (metrics,) = run_configs([cfg], names=["crashy"], storage_path=str(tmp_path / "rr"), name="crash",
-                             tracking_uri=uri, experiment="crash", parent_run_id=None, resources=Resources(),
+                             log_to=LogTarget.at(uri, "crash"), resources=Resources(),
                              max_failures=1, callbacks=[KillWorkerAfter(2, tmp_path / "killed")])
     assert (tmp_path / "killed").is_file() and metrics["epoch"] == 3
     tops, _ = runs_of(uri, "crash")

@@ -13,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from comic.config import load_config
+from comic.tracking.store import LogTarget
 from comic.tuning.cluster import Resources, TuneError
 from comic.tuning.runner import run_configs
 
@@ -43,8 +44,8 @@ def test_trials_spread_over_two_nodes_with_shared_storage(two_nodes, smoke_overr
     assert len(two_nodes) == 2
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     configs = [load_config("synthetic", smoke_overrides | {"seed": s}) for s in (0, 1)]
-    common = {"names": ["seed0", "seed1"], "storage_path": str(tmp_path / "rr"), "tracking_uri": uri,
-              "experiment": "two-nodes", "parent_run_id": None, "resources": Resources(1, 0, 2)}
+    common = {"names": ["seed0", "seed1"], "storage_path": str(tmp_path / "rr"),
+              "log_to": LogTarget.at(uri, "two-nodes"), "resources": Resources(1, 0, 2)}
     with pytest.raises(TuneError, match="2 nodes") as refused:
         run_configs(configs, name="refused", **common)
     assert "s3://" in str(refused.value) and "--shared-storage" in str(refused.value)
