@@ -1,5 +1,5 @@
 """The flags every script shares, as argparse parents (torchvision references' `get_args_parser` pattern), and the
-one way a script turns them into a config.
+one way a script turns them into a config (how a script starts, stops and exits: `comic.progress.script_main`).
 
     parser = argparse.ArgumentParser(parents=[config_flags(), tracking_flags("comic-train")], ...)
     args = parse(parser, argv)            # overrides may stand before or after the flags

@@ -35,8 +35,8 @@ from comic.device import setup_runtime
 from comic.engine import evaluate
 from comic.inference.bundle import ModelBundle
 from comic.metrics import shot_groups
+from comic.progress import script_main
 from comic.report.tables import RUN_GROUPS, text
-from comic.script import script_main
 from comic.tracking.client import RunTracker
 from comic.tracking.model import MODEL_URI_TAG, bundle_path, link_model_input
 from comic.tracking.run import log_benchmark, smoke_model

@@ -27,8 +27,7 @@ from comic._io import UserError, atomic_write
 from comic.cli import tracking_flags
 from comic.inference.bundle import ModelBundle
 from comic.inference.predictor import Prediction, Predictor, image_files
-from comic.progress import progress
-from comic.script import script_main
+from comic.progress import progress, script_main
 from comic.tracking.model import bundle_path
 from comic.tracking.run import smoke_model
 from comic.tracking.store import resolve_tracking_uri

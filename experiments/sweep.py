@@ -41,7 +41,7 @@ from pathlib import Path
 
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.config import ConfigError
-from comic.script import finished, script_main
+from comic.progress import finished, script_main
 from comic.tracking.store import experiment_link, ui_command
 from comic.tuning.cluster import Resources, is_remote_path, ray_session
 from comic.tuning.results import format_confirm, format_trials

@@ -24,8 +24,8 @@ from pathlib import Path
 from comic.cli import base_config, config_flags, list_keys, parse, tracking_flags
 from comic.config import absolute_paths, identity_hash
 from comic.data.build import benchmark_digest
+from comic.progress import finished, script_main
 from comic.report.tables import run_summary
-from comic.script import finished, script_main
 from comic.tracking.model import MODEL_DIR, MODEL_URI_TAG
 from comic.tracking.run import tracked_fit
 from comic.tracking.store import find_run, resolve_tracking_uri, run_link, ui_command

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
-from comic.script import finished, script_main
+from comic.progress import finished, script_main
 from comic.studies.cli import STUDY_LOGGERS, plan_label
 from comic.studies.tuned import ARMS, Budget, TunedStudy, run_study
 from comic.studies.tuned_report import build

@@ -16,7 +16,7 @@ from comic.data import sources
 from comic.data.build import build_benchmark
 from comic.data.reader import CARD_MD, BenchmarkError
 from comic.presets import PRESETS
-from comic.script import finished, script_main
+from comic.progress import finished, script_main
 
 EPILOG = """\
 sources:

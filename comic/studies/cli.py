@@ -17,7 +17,7 @@ from typing import Any
 from comic._io import UserError
 from comic.cli import base_config, config_flags, list_keys, parse, ray_flags, seeds_flag, tracking_flags
 from comic.config import EXECUTION_KEYS
-from comic.script import finished, script_main
+from comic.progress import finished, script_main
 from comic.studies.plan import Study
 from comic.studies.report import METRIC_NOTE, StudyReport, build_report
 from comic.studies.runner import BACKENDS, StudyRun

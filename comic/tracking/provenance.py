@@ -20,7 +20,7 @@ _VERSIONED = {"comic": "comic-lab", "torch": "torch", "ray": "ray", "mlflow": "m
 # What computes a run's numbers: the core modules and packages. The rooms above it (tracking, tuning, studies) and
 # the reports only record, schedule or draw; the scripts, README and tests are outside the package.
 COMPUTING = ("*.py", "models/*.py", "losses/*.py", "data/*.py")
-NOT_COMPUTING = ("cli.py", "script.py", "data/__main__.py", "progress.py")  # flags, scripts, builder CLI, progress
+NOT_COMPUTING = ("cli.py", "data/__main__.py", "progress.py")  # flags, the builder CLI, progress display
 
 
 def code_version() -> str:

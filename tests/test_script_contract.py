@@ -1,4 +1,4 @@
-"""The contract every script keeps (`comic.script.script_main`), with real signals: a user's mistake is one `error:`
+"""The contract every script keeps (`comic.progress.script_main`), with real signals: a user's mistake is one `error:`
 line and status 2; Ctrl-C and SIGTERM stop the work the same way, say how to resume and exit 130; a signal that
 arrives after the work was recorded changes nothing."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from comic._io import UserError
-from comic.script import INTERRUPTED, script_main
+from comic.progress import INTERRUPTED, script_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_ctrl_c_and_sigterm_stop_the_same_way(signum, capsys):
 
 LATE = """
 import atexit, sys
-from comic.script import finished, script_main
+from comic.progress import finished, script_main
 def body():
     finished(None)
     print("summary: done", flush=True)
