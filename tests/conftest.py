@@ -41,8 +41,9 @@ def smoke_overrides(tmp_path_factory) -> dict:
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored():
     """A script's `main()` run in this process leaves its after-the-end handlers (`comic.progress.finished`) for the
-    process's exit, as a real script's process needs them; the next test starts with the handlers it had."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    process's exit, as a real script's process needs them, and a bare `Tuner.fit()` leaves Tune's: the next test
+    starts with the handlers it had."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import ray
 
 from comic._io import UserError
+from comic.progress import sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     """`connect_ray` for a block; shuts Ray down afterwards only if the block started it."""
     started = connect_ray(address, num_cpus)
     try:
-        yield
+        with sigterm_as_interrupt():  # a local Ray's start replaced the script's SIGTERM policy with its own (exit 1)
+            yield
     finally:
         if started:
             ray.shutdown()

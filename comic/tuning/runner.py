@@ -10,9 +10,12 @@ it (logged at ERROR level).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,11 +97,28 @@ def fit_tuner(path: str, trainable: Any, make_tuner: Callable[[], tune.Tuner], *
                                    resume_errored=not restart_errored, restart_errored=restart_errored)
     else:
         tuner = make_tuner()
-    grid = tuner.fit()
+    with _signal_handlers_kept():
+        grid = tuner.fit()
     saved = tune.ExperimentAnalysis(path).trials
     if len(saved) < expected or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in saved):
         raise TuneInterrupted(path)
     return grid
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Tune installs its own SIGINT and SIGUSR1 handlers for a run and leaves them behind when the run ends: a later
+    Ctrl-C would only set Tune's spent event, and `comic.progress.sigterm_as_interrupt` would take Tune for running.
+    The process's own handlers come back after the run (main thread only: handlers belong to it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def check_tune_state(path: str) -> None:

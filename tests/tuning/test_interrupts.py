@@ -242,3 +242,17 @@ def test_ctrl_c_after_the_summary_keeps_status_0(ray_local, smoke_overrides, tmp
     (parent,), children = runs_of(uri, "sweeps")
     assert parent.info.status == "FINISHED" and len(children[parent.info.run_id]) == 2
     _never_running(uri)
+
+
+def test_a_tune_run_gives_the_process_its_signal_handlers_back(ray_local, tmp_path):
+    """Tune installs SIGINT and SIGUSR1 handlers for a run and leaves them: a later Ctrl-C would only set Tune's
+    spent event. After `fit_tuner` the process has its own handlers again."""
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGUSR1)}
+
+    def make_tuner():
+        return tune.Tuner(lambda config: {"x": 1}, param_space={"a": tune.grid_search([1, 2])},
+                          run_config=tune.RunConfig(name="tiny", storage_path=str(tmp_path), verbose=0))
+
+    fit_tuner(str(tmp_path / "tiny"), None, make_tuner, expected=2, resume=False)
+    assert {signum: signal.getsignal(signum) for signum in before} == before
