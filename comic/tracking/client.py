@@ -181,7 +181,7 @@ class RunTracker:
     def _create(self) -> None:
         assert self._client is not None and self._experiment is not None
         experiment_id = ensure_experiment(self._uri, self._experiment)
-        tags = {key: truncate(str(value), MAX_TAG_VALUE_LENGTH) for key, value in self._tags.items()}
+        tags = {key: truncate(str(value)) for key, value in self._tags.items()}
         if self._parent:
             tags[PARENT_TAG] = self._parent
         with _GUARD.call():
@@ -381,7 +381,7 @@ class RunTracker:
 
     def _log_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow_client = self._require_started()
-        items = [RunTag(key, truncate(str(value), MAX_TAG_VALUE_LENGTH)) for key, value in tags.items()]
+        items = [RunTag(key, truncate(str(value))) for key, value in tags.items()]
         if items:
             with _GUARD.call():
                 mlflow_client.log_batch(self.run_id, tags=items, synchronous=True)

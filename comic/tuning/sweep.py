@@ -192,9 +192,10 @@ def spec_from_dict(state: dict[str, Any], storage_path: str, name: str) -> Sweep
     space raises KeyError)."""
     known = {f.name for f in fields(SweepSpec)}
     values = {k: v for k, v in state.items() if k in known} | {"storage_path": storage_path, "name": name}
+    if "confirm_seeds" in values:  # a JSON list; older state files have none (the dataclass default then)
+        values["confirm_seeds"] = tuple(values["confirm_seeds"])
     return SweepSpec(**values | {"base": from_dict(state["base"]), "space": parse_space(state["space"]),
-                                 "resources": Resources(**state["resources"]),
-                                 "confirm_seeds": tuple(state.get("confirm_seeds", (0, 1, 2)))})
+                                 "resources": Resources(**state["resources"])})
 
 
 def _save_state(spec: SweepSpec, parent_run_id: str) -> None:

@@ -156,14 +156,3 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0, every: float = 0.5) -> Any:
-    """Poll `condition` until it returns something truthy (returned); AssertionError naming `what` at the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

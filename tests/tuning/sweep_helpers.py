@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from ray import tune
@@ -90,3 +93,14 @@ class InterruptAtStart(tune.Callback):
         self.started += 1
         if self.started == self.n:
             stop_sweep(self.marker)
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0, every: float = 0.5) -> Any:
+    """Poll `condition` until it returns something truthy (returned); AssertionError naming `what` at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_cluster import FAKE_HEAD_TYPE, REPO, FakeCluster, fake_config, wait_for
+from fake_cluster import FAKE_HEAD_TYPE, REPO, FakeCluster, fake_config
 from mlflow import MlflowClient
 from ray.autoscaler._private.util import validate_config
-from sweep_helpers import runs_of, steps_of
+from sweep_helpers import runs_of, steps_of, wait_for
 
 from comic.config import load_config
 from comic.engine import fit

@@ -9,13 +9,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from ray import tune
-from sweep_helpers import InterruptAfterCheckpoint, InterruptAtStart, runs_of, spec_for, steps_of
+from sweep_helpers import InterruptAfterCheckpoint, InterruptAtStart, runs_of, spec_for, steps_of, wait_for
 
 from comic.tuning.cluster import TuneError, TuneInterrupted
 from comic.tuning.runner import fit_tuner
@@ -134,15 +133,6 @@ def test_impossible_requests_fail_fast(tmp_path):
     assert "error: no node of this Ray cluster can run a trial with 1 CPUs and 1 GPUs" in proc.stderr
 
 
-def _wait_for(condition, what: str, timeout: float = 300.0) -> None:
-    """Poll a state (a row in MLflow's database) until it holds: the event to act on, not a guessed sleep."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def _first_epoch_logged(db: Path) -> bool:
     if not db.is_file():
         return False
@@ -162,7 +152,7 @@ def test_make_demo_killed_from_outside_is_an_interruption(ray_local, smoke_overr
             f"data.cache_dir={smoke_overrides['data.cache_dir']} train.epochs=4")
     make = subprocess.Popen(["make", "-s", "demo", f"DEMO_ARGS={args}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _first_epoch_logged(db), "the first logged epoch")
+    wait_for(lambda: _first_epoch_logged(db), "the first logged epoch", timeout=300, every=0.2)
     make.send_signal(signal.SIGTERM)
     out, err = make.communicate(timeout=300)
     assert make.returncode != 0
